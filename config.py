@@ -1,0 +1,86 @@
+"""Settings read from the environment once, at process start, and passed explicitly from there."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Mapping
+
+PROJECT_ROOT = Path(__file__).resolve().parent
+DEFAULT_DATABASE_URL = f"sqlite:///{PROJECT_ROOT / 'var' / 'taskcache.db'}"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def _redis_db(url: str, db: int) -> str:
+    """The same Redis server as `url`, another logical database (the broker must not share the
+    cache's keyspace: the cache may be purged or evicted, queues must not)."""
+    base, _, tail = url.rpartition("/")
+    if base.startswith("redis") and tail.isdigit():
+        return f"{base}/{db}"
+    return f"{url.rstrip('/')}/{db}"
+
+
+def _flag(value: str | None, default: bool) -> bool:
+    if value is None or value == "":
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = DEFAULT_DATABASE_URL
+    redis_url: str = DEFAULT_REDIS_URL
+    celery_broker_url: str = _redis_db(DEFAULT_REDIS_URL, 1)
+    secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
+    web_port: int = 8000
+    flower_port: int = 5555
+    flower_basic_auth: str | None = field(default=None, repr=False)
+    # CACHE_ENABLED=0 turns both cache layers off: the benchmark's uncached baseline.
+    cache_enabled: bool = True
+    access_token_ttl: int = 900
+    # Seconds a request waits for Redis before counting it as down.
+    redis_socket_timeout: float = 0.25
+    # How long a connection error keeps the breaker open before one probe is let through.
+    breaker_cooldown: float = 2.0
+    # Debounce window for coalesced aggregate recomputes.
+    recompute_countdown: float = 0.2
+    login_failures_per_minute: int = 10
+
+    def with_overrides(self, **changes) -> "Settings":
+        return replace(self, **changes)
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    redis_url = env.get("REDIS_URL") or DEFAULT_REDIS_URL
+    return Settings(
+        database_url=env.get("DATABASE_URL") or DEFAULT_DATABASE_URL,
+        redis_url=redis_url,
+        celery_broker_url=env.get("CELERY_BROKER_URL") or _redis_db(redis_url, 1),
+        secret_key=env.get("SECRET_KEY") or _dev_secret_key(),
+        web_port=int(env.get("WEB_PORT") or 8000),
+        flower_port=int(env.get("FLOWER_PORT") or 5555),
+        flower_basic_auth=env.get("FLOWER_BASIC_AUTH") or None,
+        cache_enabled=_flag(env.get("CACHE_ENABLED"), True),
+        access_token_ttl=int(env.get("ACCESS_TOKEN_TTL") or 900),
+        recompute_countdown=float(env.get("RECOMPUTE_COUNTDOWN") or 0.2),
+    )
+
+
+def _dev_secret_key() -> str:
+    """Without SECRET_KEY every process must still agree on one key (gunicorn workers, Celery),
+    so a development key is kept in var/; production sets SECRET_KEY."""
+    path = PROJECT_ROOT / "var" / "secret_key"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        key = secrets.token_urlsafe(48)
+        try:
+            with open(path, "x") as fh:
+                fh.write(key)
+        except FileExistsError:
+            return path.read_text().strip()
+        return key
