@@ -49,7 +49,8 @@ def _sqlite_engine(url: str, **kwargs) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _begin(conn) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.info.get("write") else "BEGIN")
+        write = conn.get_execution_options().get("sqlite_write")
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
     return engine
 
@@ -58,11 +59,15 @@ def _sqlite_engine(url: str, **kwargs) -> Engine:
 class Database:
     engine: Engine
     sessions: sessionmaker[Session]
+    writers: sessionmaker[Session]
 
     @classmethod
     def connect(cls, url: str, **engine_kwargs) -> "Database":
         engine = make_engine(url, **engine_kwargs)
-        return cls(engine, sessionmaker(engine, expire_on_commit=False))
+        # On SQLite a writer takes the write lock at BEGIN; elsewhere the option means nothing.
+        writer_engine = engine.execution_options(sqlite_write=True)
+        return cls(engine, sessionmaker(engine, expire_on_commit=False),
+                   sessionmaker(writer_engine, expire_on_commit=False))
 
     @contextmanager
     def session(self) -> Iterator[Session]:

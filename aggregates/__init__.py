@@ -1,0 +1,303 @@
+"""Project and user statistics, kept in Redis and updated by ordered deltas.
+
+Every change to a project's (or user's) counts bumps `stats_seq` on its row in the same
+transaction, so changes are numbered in commit order. The cached hash records the `seq` it
+contains; a delta numbered `seq + 1` is folded in at once, an older one is ignored (it was already
+counted: deltas are idempotent), a newer one waits in the hash until the gap fills. A full recount
+reads the counts and `stats_seq` in one statement, i.e. one snapshot, and replaces the hash only if
+it is newer than what the hash holds, so a recount can never drop or double a delta.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import redis
+from sqlalchemy import case, func, select
+from sqlalchemy.orm import Session
+
+from cache import metrics
+from cache.keys import AGGREGATE_TTL, org_generation
+from cache.store import VERSION_TTL, RedisCache, Unavailable, _token
+from models import Comment, Project, Task, TaskStatus, User
+
+STATUSES = [s.value for s in TaskStatus]
+MAX_BUFFERED = 10_000
+
+# KEYS[1]: the organization's generation; ARGV: base name, token, version ttl, then per command.
+_RESOLVE = """
+local gen = redis.call('GET', KEYS[1])
+if not gen then
+  gen = ARGV[2]
+  redis.call('SET', KEYS[1], gen, 'EX', ARGV[3])
+end
+local name = ARGV[1] .. '@' .. gen
+"""
+
+_READ = _RESOLVE + """
+local refresh = tonumber(ARGV[4])
+local ttl = redis.call('TTL', name)
+return {redis.call('HGETALL', name), ttl}
+"""
+
+# ARGV[4]=seq, ARGV[5]=ttl, ARGV[6]=max buffered, ARGV[7..]=field, delta pairs.
+_APPLY = _RESOLVE + """
+if redis.call('EXISTS', name) == 0 then return 'missing' end
+local seq = tonumber(ARGV[4])
+local have = tonumber(redis.call('HGET', name, 'seq'))
+if seq <= have then return 'duplicate' end
+local packed = table.concat(ARGV, ',', 7)
+if seq > have + 1 then
+  if redis.call('HLEN', name) > tonumber(ARGV[6]) then return 'overflow' end
+  redis.call('HSET', name, 'd:' .. seq, packed)
+  local known = tonumber(redis.call('HGET', name, 'known') or '0')
+  if seq > known then redis.call('HSET', name, 'known', seq) end
+  return 'buffered'
+end
+local function apply(p)
+  local f = {}
+  for x in string.gmatch(p, '([^,]+)') do f[#f + 1] = x end
+  for i = 1, #f, 2 do redis.call('HINCRBY', name, f[i], tonumber(f[i + 1])) end
+end
+apply(packed)
+local n = seq
+while true do
+  local nxt = redis.call('HGET', name, 'd:' .. (n + 1))
+  if not nxt then break end
+  apply(nxt)
+  redis.call('HDEL', name, 'd:' .. (n + 1))
+  n = n + 1
+end
+redis.call('HSET', name, 'seq', n)
+return 'applied'
+"""
+
+# ARGV[4]=seq, ARGV[5]=ttl, ARGV[6]=computed_at, ARGV[7..]=field, value pairs.
+_REPLACE = _RESOLVE + """
+local seq = tonumber(ARGV[4])
+local old = redis.call('HGETALL', name)
+local have = -1
+local buffered = {}
+local drift = 0
+local prev = {}
+for i = 1, #old, 2 do
+  local f, v = old[i], old[i + 1]
+  if f == 'seq' then have = tonumber(v)
+  elseif string.sub(f, 1, 2) == 'd:' then buffered[tonumber(string.sub(f, 3))] = v
+  else prev[f] = v end
+end
+if have > seq then return 'older' end
+if have == seq then
+  for i = 7, #ARGV, 2 do
+    if prev[ARGV[i]] ~= ARGV[i + 1] then drift = 1 end
+  end
+  if drift == 0 then
+    redis.call('HSET', name, 'computed_at', ARGV[6])
+    redis.call('EXPIRE', name, ARGV[5])
+    return 'same'
+  end
+end
+redis.call('DEL', name)
+local fields = {'seq', seq, 'computed_at', ARGV[6]}
+for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', name, unpack(fields))
+local n = seq
+local known = 0
+for s, p in pairs(buffered) do
+  if s > n then redis.call('HSET', name, 'd:' .. s, p) end
+  if s > known then known = s end
+end
+if known > n then redis.call('HSET', name, 'known', known) end
+while true do
+  local nxt = redis.call('HGET', name, 'd:' .. (n + 1))
+  if not nxt then break end
+  local f = {}
+  for x in string.gmatch(nxt, '([^,]+)') do f[#f + 1] = x end
+  for i = 1, #f, 2 do redis.call('HINCRBY', name, f[i], tonumber(f[i + 1])) end
+  redis.call('HDEL', name, 'd:' .. (n + 1))
+  n = n + 1
+end
+redis.call('HSET', name, 'seq', n)
+redis.call('EXPIRE', name, ARGV[5])
+if have == seq then return 'drift' end
+return 'replaced'
+"""
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """One kind of statistics: how to name it, count it from the database, and present it."""
+
+    kind: str  # "project" | "user"
+    fields: tuple[str, ...]
+    count: Callable[[Session, str], tuple[int, dict[str, int]] | None]
+    present: Callable[[str, dict[str, int]], dict]
+
+    def name(self, org_id: str, owner_id: str) -> str:
+        return f"t:{org_id}:stats:{self.kind}:{owner_id}"
+
+
+def _count_project(session: Session, project_id: str) -> tuple[int, dict[str, int]] | None:
+    # One statement, hence one snapshot: the counts are exactly those of changes 1..stats_seq.
+    comments = (select(func.count()).select_from(Comment)
+                .where(Comment.project_id == Project.id).scalar_subquery())
+    columns = [func.coalesce(func.sum(case((Task.status == s, 1), else_=0)), 0) for s in STATUSES]
+    row = session.execute(
+        select(Project.stats_seq, comments, *columns)
+        .select_from(Project).outerjoin(Task, Task.project_id == Project.id)
+        .where(Project.id == project_id).group_by(Project.id, Project.stats_seq)
+    ).first()
+    if row is None:
+        return None
+    seq, n_comments, *by_status = row
+    counts = dict(zip(STATUSES, (int(v) for v in by_status)))
+    counts["comments"] = int(n_comments)
+    return int(seq), counts
+
+
+def _count_user(session: Session, user_id: str) -> tuple[int, dict[str, int]] | None:
+    columns = [func.coalesce(func.sum(case((Task.status == s, 1), else_=0)), 0) for s in STATUSES]
+    row = session.execute(
+        select(User.stats_seq, *columns).select_from(User)
+        .outerjoin(Task, Task.assignee_id == User.id)
+        .where(User.id == user_id).group_by(User.id, User.stats_seq)
+    ).first()
+    if row is None:
+        return None
+    seq, *by_status = row
+    return int(seq), dict(zip(STATUSES, (int(v) for v in by_status)))
+
+
+def _present_project(project_id: str, c: dict[str, int]) -> dict:
+    by_status = {s: c.get(s, 0) for s in STATUSES}
+    return {
+        "project_id": project_id,
+        "total_tasks": sum(by_status.values()),
+        "completed_tasks": by_status["COMPLETED"],
+        "open_tasks": by_status["TODO"],
+        "tasks_by_status": by_status,
+        "total_comments": c.get("comments", 0),
+    }
+
+
+def _present_user(user_id: str, c: dict[str, int]) -> dict:
+    by_status = {s: c.get(s, 0) for s in STATUSES}
+    return {
+        "user_id": user_id,
+        "assigned_tasks": sum(by_status.values()),
+        "completed_tasks": by_status["COMPLETED"],
+        "open_tasks": by_status["TODO"],
+    }
+
+
+PROJECT_STATS = Aggregate("project", (*STATUSES, "comments"), _count_project, _present_project)
+USER_STATS = Aggregate("user", tuple(STATUSES), _count_user, _present_user)
+AGGREGATES = {a.kind: a for a in (PROJECT_STATS, USER_STATS)}
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A numbered change to one aggregate, carried by a domain event."""
+
+    kind: str
+    org_id: str
+    owner_id: str
+    seq: int
+    changes: dict[str, int]
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "org_id": self.org_id, "owner_id": self.owner_id,
+                "seq": self.seq, "changes": self.changes}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Delta":
+        return cls(data["kind"], data["org_id"], data["owner_id"], int(data["seq"]),
+                   {k: int(v) for k, v in data["changes"].items()})
+
+
+@dataclass
+class Snapshot:
+    stats: dict
+    seq: int
+    computed_at: float
+    stale: bool
+    ttl: int
+
+
+class AggregateStore:
+    def __init__(self, cache: RedisCache) -> None:
+        self.cache = cache
+        client = cache.client
+        self._read = client.register_script(_READ)
+        self._apply = client.register_script(_APPLY)
+        self._replace = client.register_script(_REPLACE)
+
+    def _args(self, agg: Aggregate, org_id: str, owner_id: str) -> tuple[list, list]:
+        return [org_generation(org_id)], [agg.name(org_id, owner_id), _token(), VERSION_TTL]
+
+    def read(self, agg: Aggregate, org_id: str, owner_id: str) -> Snapshot | None:
+        """The cached statistics, or None on a miss. Raises Unavailable when Redis is."""
+        if not self.cache.enabled:
+            return None
+        keys, args = self._args(agg, org_id, owner_id)
+        flat, ttl = self.cache.call("get", lambda: self._read(keys=keys, args=[*args, 0]))
+        if not flat:
+            metrics.misses.labels("redis", f"{agg.kind}_stats").inc()
+            return None
+        metrics.hits.labels("redis", f"{agg.kind}_stats").inc()
+        raw = {(k.decode() if isinstance(k, bytes) else k): v for k, v in
+               zip(flat[::2], flat[1::2])}
+        counts = {f: int(raw.get(f, 0)) for f in agg.fields}
+        seq = int(raw.get("seq", 0))
+        known = int(raw.get("known", 0))
+        return Snapshot(agg.present(owner_id, counts), seq, float(raw.get("computed_at", 0)),
+                        stale=known > seq, ttl=int(ttl))
+
+    def apply(self, delta: Delta, source: str) -> str:
+        agg = AGGREGATES[delta.kind]
+        keys, args = self._args(agg, delta.org_id, delta.owner_id)
+        pairs = [x for f, v in sorted(delta.changes.items()) if v for x in (f, v)]
+        if not pairs:
+            pairs = ["seq", 0]  # a numbered change that moves no count still advances seq
+        outcome = self.cache.call("delta", lambda: self._apply(
+            keys=keys, args=[*args, delta.seq, AGGREGATE_TTL, MAX_BUFFERED, *pairs]))
+        outcome = outcome.decode() if isinstance(outcome, bytes) else outcome
+        metrics.aggregate_deltas.labels(delta.kind, outcome, source).inc()
+        return outcome
+
+    def replace(self, agg: Aggregate, org_id: str, owner_id: str, seq: int,
+                counts: dict[str, int]) -> str:
+        keys, args = self._args(agg, org_id, owner_id)
+        pairs = [x for f in agg.fields for x in (f, str(int(counts.get(f, 0))))]
+        outcome = self.cache.call("recount", lambda: self._replace(
+            keys=keys, args=[*args, seq, AGGREGATE_TTL, f"{time.time():.6f}", *pairs]))
+        outcome = outcome.decode() if isinstance(outcome, bytes) else outcome
+        if outcome == "drift":
+            metrics.aggregate_drift.labels(agg.kind).inc()
+        return outcome
+
+    def recount(self, session: Session, agg: Aggregate, org_id: str, owner_id: str,
+                reason: str) -> dict | None:
+        """Count from the database and store. Returns the presented stats (None: owner gone)."""
+        counted = agg.count(session, owner_id)
+        if counted is None:
+            return None
+        seq, counts = counted
+        metrics.aggregate_recomputes.labels(agg.kind, reason).inc()
+        try:
+            self.replace(agg, org_id, owner_id, seq, counts)
+        except Unavailable:
+            pass
+        return agg.present(owner_id, counts)
+
+
+def apply_deltas(store: AggregateStore, deltas: Sequence[Delta], source: str) -> list[str]:
+    outcomes = []
+    for delta in deltas:
+        try:
+            outcomes.append(store.apply(delta, source))
+        except Unavailable:
+            outcomes.append("unavailable")
+    return outcomes

@@ -1,0 +1,169 @@
+"""One small typed function per cache key family.
+
+Every key names the version keys whose current tokens become part of the stored name. A write
+replaces a version token after commit, so every value stored under the old token is unreachable
+at once (read-your-writes without KEYS/SCAN), and a reader that loaded before the write stores its
+old value under the old token, where nobody looks (the stale-set race). Tenant keys carry the
+organization's generation first: replacing it purges the whole organization in one step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+SESSION_TTL = 900
+USER_TTL = 300
+PROJECT_TTL = 300
+TASK_TTL = 300
+TASK_LIST_TTL = 60
+NOTIFICATION_TTL = 30
+ORGANIZATION_TTL = 600
+AGGREGATE_TTL = 300
+CONFIG_TTL = 600
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    family: str  # the `entity_type` label of the metrics
+    name: str
+    versions: tuple[str, ...]
+    ttl: int
+    sliding: bool = False
+
+
+# Version keys: what a write bumps.
+def org_generation(org_id: str) -> str:
+    return f"v:org:{org_id}"
+
+
+def organization_version(org_id: str) -> str:
+    return f"v:orginfo:{org_id}"
+
+
+def user_version(user_id: str) -> str:
+    return f"v:user:{user_id}"
+
+
+def session_version(session_id: str) -> str:
+    return f"v:session:{session_id}"
+
+
+def project_version(project_id: str) -> str:
+    return f"v:project:{project_id}"
+
+
+def task_version(task_id: str) -> str:
+    return f"v:task:{task_id}"
+
+
+def org_projects_version(org_id: str) -> str:
+    return f"v:org-projects:{org_id}"
+
+
+def org_users_version(org_id: str) -> str:
+    return f"v:org-users:{org_id}"
+
+
+def project_tasks_version(project_id: str) -> str:
+    return f"v:project-tasks:{project_id}"
+
+
+def user_tasks_version(user_id: str) -> str:
+    return f"v:user-tasks:{user_id}"
+
+
+def task_comments_version(task_id: str) -> str:
+    return f"v:task-comments:{task_id}"
+
+
+def user_notifications_version(user_id: str) -> str:
+    return f"v:user-notifications:{user_id}"
+
+
+def config_version(name: str) -> str:
+    return f"v:config:{name}"
+
+
+def _query(**params: object) -> str:
+    """A short, stable digest of a list's filters and page, part of the list's key."""
+    text = "&".join(f"{k}={'' if v is None else v}" for k, v in sorted(params.items()))
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def _tenant(org_id: str, family: str, ident: str, versions: tuple[str, ...], ttl: int,
+            sliding: bool = False) -> Key:
+    return Key(family, f"t:{org_id}:{family}:{ident}", (org_generation(org_id), *versions), ttl,
+               sliding)
+
+
+# Value keys: what a read looks up.
+def session(org_id: str, user_id: str, session_id: str) -> Key:
+    """Sliding TTL: each use extends it. The user's version is part of it so that a change of
+    roles reaches live sessions at once."""
+    return _tenant(org_id, "session", session_id,
+                   (session_version(session_id), user_version(user_id)), SESSION_TTL, sliding=True)
+
+
+def user(org_id: str, user_id: str) -> Key:
+    return _tenant(org_id, "user", user_id, (user_version(user_id),), USER_TTL)
+
+
+def organization(org_id: str) -> Key:
+    return _tenant(org_id, "organization", org_id, (organization_version(org_id),),
+                   ORGANIZATION_TTL)
+
+
+def project(org_id: str, project_id: str) -> Key:
+    return _tenant(org_id, "project", project_id, (project_version(project_id),), PROJECT_TTL)
+
+
+def task(org_id: str, task_id: str) -> Key:
+    return _tenant(org_id, "task", task_id, (task_version(task_id),), TASK_TTL)
+
+
+def project_list(org_id: str, *, status: str | None, limit: int, cursor: str | None) -> Key:
+    return _tenant(org_id, "project_list", _query(status=status, limit=limit, cursor=cursor),
+                   (org_projects_version(org_id),), PROJECT_TTL)
+
+
+def member_list(org_id: str, *, limit: int, cursor: str | None) -> Key:
+    return _tenant(org_id, "member_list", _query(limit=limit, cursor=cursor),
+                   (org_users_version(org_id),), USER_TTL)
+
+
+def project_tasks(org_id: str, project_id: str, *, status: str | None, assignee_id: str | None,
+                  limit: int, cursor: str | None) -> Key:
+    ident = f"{project_id}:" + _query(status=status, assignee=assignee_id, limit=limit,
+                                      cursor=cursor)
+    return _tenant(org_id, "task_list", ident, (project_tasks_version(project_id),),
+                   TASK_LIST_TTL)
+
+
+def user_tasks(org_id: str, user_id: str, *, status: str | None, limit: int,
+               cursor: str | None) -> Key:
+    ident = f"{user_id}:" + _query(status=status, limit=limit, cursor=cursor)
+    return _tenant(org_id, "user_task_list", ident, (user_tasks_version(user_id),), TASK_LIST_TTL)
+
+
+def task_comments(org_id: str, task_id: str, *, limit: int, cursor: str | None) -> Key:
+    ident = f"{task_id}:" + _query(limit=limit, cursor=cursor)
+    return _tenant(org_id, "comment_list", ident, (task_comments_version(task_id),),
+                   TASK_LIST_TTL)
+
+
+def notifications(org_id: str, user_id: str, *, unread: bool, limit: int,
+                  cursor: str | None) -> Key:
+    ident = f"{user_id}:" + _query(unread=unread, limit=limit, cursor=cursor)
+    return _tenant(org_id, "notification_list", ident, (user_notifications_version(user_id),),
+                   NOTIFICATION_TTL)
+
+
+def unread_count(org_id: str, user_id: str) -> Key:
+    return _tenant(org_id, "unread_count", user_id, (user_notifications_version(user_id),),
+                   NOTIFICATION_TTL)
+
+
+def config(name: str) -> Key:
+    """Process-wide configuration: not tenant data, read through L1 first."""
+    return Key("config", f"g:config:{name}", (config_version(name),), CONFIG_TTL)

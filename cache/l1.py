@@ -1,0 +1,113 @@
+"""The per-process cache (L1): bounded, thread-safe, expiring on the monotonic clock.
+
+It holds only small process-wide data read on most requests (feature flags, configuration, role
+definitions). A change publishes the key on a Redis channel; every process drops it from its L1.
+Missed messages (Redis down, reconnect) clear the whole L1, and the short TTL bounds what a lost
+message could cost.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+import redis
+from cachetools import TTLCache
+
+from cache import metrics
+from cache.store import MISSING
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "cache:l1:invalidate"
+CLEAR_ALL = "*"
+
+
+class L1Cache:
+    def __init__(self, maxsize: int = 1024, ttl: float = 30.0) -> None:
+        self._data: TTLCache = TTLCache(maxsize=maxsize, ttl=ttl, timer=time.monotonic)
+        self._lock = threading.Lock()
+
+    def get(self, name: str, family: str) -> Any:
+        with self._lock:
+            value = self._data.get(name, MISSING)
+        if value is MISSING:
+            metrics.misses.labels("l1", family).inc()
+        else:
+            metrics.hits.labels("l1", family).inc()
+        return value
+
+    def set(self, name: str, value: Any) -> None:
+        with self._lock:
+            self._data[name] = value
+
+    def invalidate(self, name: str) -> None:
+        with self._lock:
+            if name == CLEAR_ALL:
+                self._data.clear()
+            else:
+                self._data.pop(name, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._data)
+
+
+def announce(client: redis.Redis, name: str) -> None:
+    """Tell every process to drop `name` from its L1."""
+    client.publish(CHANNEL, name)
+
+
+class L1Subscriber:
+    """A daemon thread applying invalidations published by any process to this process's L1."""
+
+    def __init__(self, client: redis.Redis, l1: L1Cache, retry: float = 1.0) -> None:
+        self._client = client
+        self._l1 = l1
+        self._retry = retry
+        self._stop = threading.Event()
+        self.ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="l1-subscriber", daemon=True)
+
+    def start(self) -> "L1Subscriber":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._listen()
+            except (redis.RedisError, OSError) as exc:
+                log.debug("l1 subscriber lost redis: %s", exc)
+            self.ready.clear()
+            self._l1.invalidate(CLEAR_ALL)  # what was published meanwhile is unknown
+            self._stop.wait(self._retry)
+
+    def _listen(self) -> None:
+        pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(CHANNEL)
+            self._l1.invalidate(CLEAR_ALL)
+            self.ready.set()
+            while not self._stop.is_set():
+                message = pubsub.get_message(timeout=0.5)
+                if message and message["type"] == "message":
+                    name = message["data"]
+                    self._l1.invalidate(name.decode() if isinstance(name, bytes) else name)
+        finally:
+            pubsub.close()
+
+
+def read_through_l1(l1: L1Cache, name: str, family: str, load: Callable[[], Any]) -> tuple[Any, bool]:
+    value = l1.get(name, family)
+    if value is not MISSING:
+        return value, True
+    value = load()
+    l1.set(name, value)
+    return value, False

@@ -1,0 +1,35 @@
+"""Prometheus metrics of the cache. Declared once per process, as prometheus-client expects;
+in gunicorn they are aggregated across workers through PROMETHEUS_MULTIPROC_DIR."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+hits = Counter("cache_hits_total", "Cache hits", ["cache_layer", "entity_type"])
+misses = Counter("cache_misses_total", "Cache misses", ["cache_layer", "entity_type"])
+duration = Histogram(
+    "cache_operation_duration_seconds",
+    "Cache operation duration",
+    ["operation", "cache_layer"],
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
+errors = Counter("cache_errors_total", "Cache operations that failed (served as misses)",
+                 ["operation"])
+invalidations = Counter("cache_invalidations_total", "Cache version bumps", ["entity_type", "source"])
+stale_served = Counter("cache_stale_served_total", "Values served while known to be stale",
+                       ["entity_type"])
+singleflight_waits = Counter("cache_singleflight_waits_total",
+                             "Readers that waited for another reader's load", ["entity_type",
+                                                                               "outcome"])
+breaker_open = Gauge("cache_breaker_open", "1 while the Redis circuit breaker is open",
+                     multiprocess_mode="max")
+breaker_transitions = Counter("cache_breaker_transitions_total", "Circuit breaker state changes",
+                              ["state"])
+inline_computations = Counter("stats_inline_computations_total",
+                              "Aggregates computed on a request (cold misses)", ["aggregate"])
+aggregate_deltas = Counter("stats_deltas_total", "Aggregate deltas by outcome",
+                           ["aggregate", "outcome", "source"])
+aggregate_drift = Counter("stats_drift_corrected_total",
+                          "Aggregates a full recount found wrong and corrected", ["aggregate"])
+aggregate_recomputes = Counter("stats_recomputes_total", "Full aggregate recounts",
+                               ["aggregate", "reason"])

@@ -1,0 +1,36 @@
+"""The effects of a committed event on the caches, shared by the web process and the worker."""
+
+from __future__ import annotations
+
+import logging
+
+from aggregates import Delta, apply_deltas
+from cache import l1
+from events import CONFIG_CHANGED, versions_for
+
+log = logging.getLogger(__name__)
+
+
+def apply_event(services, *, kind: str, org_id: str, payload: dict, event_id: str,
+                source: str) -> dict:
+    """Retire the versions the event names and fold in its deltas. Idempotent.
+
+    Returns what happened, for logs and tests: {"invalidated": bool, "deltas": [outcomes]}."""
+    versions = versions_for(kind, org_id, payload)
+    invalidated = services.cache.invalidate(versions, org_ids=[org_id], family=kind.split(".")[0],
+                                            source=source, event_id=event_id)
+    if kind == CONFIG_CHANGED and invalidated:
+        _announce_l1(services, payload["name"])
+    deltas = [Delta.from_dict(d) for d in payload.get("deltas", [])]
+    outcomes = apply_deltas(services.aggregates, deltas, source) if services.cache.enabled else []
+    return {"invalidated": invalidated, "deltas": outcomes}
+
+
+def _announce_l1(services, name: str) -> None:
+    from cache.keys import config
+
+    try:
+        services.cache.call("publish", lambda: l1.announce(services.redis, config(name).name))
+    except Exception as exc:  # the L1 TTL bounds what a lost announcement costs
+        log.warning("could not announce L1 invalidation of %s: %s", name, exc)
+    services.l1.invalidate(config(name).name)

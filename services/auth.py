@@ -1,0 +1,210 @@
+"""Sign-up, login, token refresh and logout; turning a bearer token into an actor."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import re
+import time
+from dataclasses import dataclass
+
+import jwt
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from cache import keys
+from cache.store import Lookup
+from events import ORGANIZATION_CREATED, SESSION_ENDED, USER_CREATED
+from models import AuthSession, Organization, User, new_id, utcnow
+from services import present
+from services.context import Services
+from services.errors import Conflict, RateLimited, Unauthorized
+from services.reads import cached
+from services.uow import UnitOfWork
+
+log = logging.getLogger(__name__)
+
+ALGORITHM = "HS256"
+_hasher: PasswordHasher | None = None
+# Verified against when the email is unknown, so both failures cost the same time.
+_DUMMY_HASH: str | None = None
+
+
+def hasher() -> PasswordHasher:
+    global _hasher, _DUMMY_HASH
+    if _hasher is None:
+        import os
+
+        # The tests lower the memory cost through this variable; production keeps the default.
+        memory = int(os.environ.get("PASSWORD_HASH_MEMORY_KIB", "65536"))
+        _hasher = PasswordHasher(memory_cost=memory, time_cost=3 if memory >= 65536 else 2)
+        _DUMMY_HASH = _hasher.hash("not-a-password")
+    return _hasher
+
+
+def hash_password(password: str) -> str:
+    return hasher().hash(password)
+
+
+def verify_password(password_hash: str | None, password: str) -> bool:
+    try:
+        return hasher().verify(password_hash or _DUMMY_HASH, password) and password_hash is not None
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+@dataclass(frozen=True)
+class Actor:
+    user_id: str
+    org_id: str
+    session_id: str
+    roles: tuple[str, ...]
+    email: str
+
+    @property
+    def is_admin(self) -> bool:
+        return "admin" in self.roles
+
+
+def slugify(name: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:200] or "org"
+    return f"{slug}-{new_id()[:8]}"
+
+
+def issue_token(services: Services, session: AuthSession) -> dict:
+    ttl = services.settings.access_token_ttl
+    now = int(time.time())
+    claims = {"sub": session.user_id, "sid": session.id, "org": session.organization_id,
+              "iat": now, "exp": now + ttl}
+    token = jwt.encode(claims, services.settings.secret_key, algorithm=ALGORITHM)
+    return {"access_token": token, "token_type": "Bearer", "expires_in": ttl}
+
+
+def _new_session(uow: UnitOfWork, user: User) -> AuthSession:
+    ttl = uow.services.settings.access_token_ttl
+    row = AuthSession(id=new_id(), user_id=user.id, organization_id=user.organization_id,
+                      expires_at=utcnow() + dt.timedelta(seconds=ttl))
+    uow.session.add(row)
+    return row
+
+
+def sign_up(services: Services, *, organization_name: str, email: str, password: str,
+            display_name: str) -> dict:
+    password_hash = hash_password(password)
+    with UnitOfWork(services) as uow:
+        org = Organization(id=new_id(), name=organization_name, slug=slugify(organization_name))
+        user = User(id=new_id(), organization_id=org.id, email=email.lower(),
+                    password_hash=password_hash, display_name=display_name, roles=["admin"])
+        uow.session.add_all([org, user])
+        try:
+            uow.session.flush()
+        except IntegrityError:
+            raise Conflict("a user with this email already exists") from None
+        login = _new_session(uow, user)
+        uow.emit(ORGANIZATION_CREATED, org.id)
+        uow.emit(USER_CREATED, org.id, user_id=user.id)
+        uow.commit()
+        return {"organization": present.organization(org), "user": present.user(user),
+                **issue_token(services, login)}
+
+
+def _limiter_key(email: str) -> str:
+    return "ratelimit:login:" + hashlib.sha256(email.lower().encode()).hexdigest()[:32]
+
+
+def _check_rate_limit(services: Services, email: str) -> None:
+    limit = services.settings.login_failures_per_minute
+    try:
+        pipe = services.redis.pipeline(transaction=False)
+        pipe.get(_limiter_key(email))
+        pipe.ttl(_limiter_key(email))
+        failures, ttl = pipe.execute()
+    except Exception as exc:
+        log.warning("login rate limit unavailable, allowing the attempt: %s", exc)
+        return
+    if failures is not None and int(failures) >= limit:
+        raise RateLimited("too many failed logins for this email; try again later",
+                          retry_after=max(int(ttl), 1))
+
+
+def _count_failure(services: Services, email: str) -> None:
+    try:
+        pipe = services.redis.pipeline(transaction=True)
+        pipe.incr(_limiter_key(email))
+        pipe.expire(_limiter_key(email), 60, nx=True)
+        pipe.execute()
+    except Exception as exc:
+        log.warning("could not count a failed login: %s", exc)
+
+
+def login(services: Services, *, email: str, password: str) -> dict:
+    _check_rate_limit(services, email)
+    with UnitOfWork(services) as uow:
+        user = uow.session.scalar(select(User).where(User.email == email.lower()))
+        if not verify_password(user.password_hash if user else None, password):
+            _count_failure(services, email)
+            raise Unauthorized("invalid email or password")
+        login_session = _new_session(uow, user)
+        uow.commit()
+        return issue_token(services, login_session)
+
+
+def end_session(services: Services, actor: Actor, *, replace: bool) -> dict | None:
+    """Logout (replace=False) or refresh (replace=True): the old token stops working at once."""
+    with UnitOfWork(services) as uow:
+        row = uow.session.get(AuthSession, actor.session_id, with_for_update=True)
+        if row is None or row.revoked_at is not None:
+            raise Unauthorized("session has ended")
+        row.revoked_at = utcnow()
+        new = None
+        if replace:
+            user = uow.session.get(User, actor.user_id)
+            new = _new_session(uow, user)
+        uow.emit(SESSION_ENDED, actor.org_id, session_id=actor.session_id)
+        uow.commit()
+        return issue_token(services, new) if new else None
+
+
+def _decode(services: Services, token: str) -> dict:
+    try:
+        claims = jwt.decode(token, services.settings.secret_key, algorithms=[ALGORITHM],
+                            options={"require": ["exp", "sub", "sid", "org"]})
+    except jwt.ExpiredSignatureError:
+        raise Unauthorized("token has expired") from None
+    except jwt.InvalidTokenError:
+        raise Unauthorized("token is invalid") from None
+    if not all(isinstance(claims[c], str) for c in ("sub", "sid", "org")):
+        raise Unauthorized("token is invalid")
+    return claims
+
+
+def _load_session(session_id: str, user_id: str):
+    def load(db) -> dict | None:
+        row = db.execute(
+            select(AuthSession, User).join(User, User.id == AuthSession.user_id)
+            .where(AuthSession.id == session_id, AuthSession.user_id == user_id)
+        ).first()
+        if row is None or row[0].revoked_at is not None:
+            return None
+        login_session, user = row
+        return {"user_id": user.id, "organization_id": user.organization_id,
+                "roles": list(user.roles), "email": user.email,
+                "expires_at": login_session.expires_at.replace(tzinfo=dt.timezone.utc).timestamp()}
+    return load
+
+
+def authenticate(services: Services, token: str, *also: keys.Key) -> tuple[Actor, list[Lookup]]:
+    """The actor of a bearer token, with the lookups of `also` made in the same round trip."""
+    claims = _decode(services, token)
+    org_id, user_id, session_id = claims["org"], claims["sub"], claims["sid"]
+    session_key = keys.session(org_id, user_id, session_id)
+    lookups = services.cache.lookup_many([session_key, *also])
+    data, _ = cached(services, session_key, _load_session(session_id, user_id), lookups[0])
+    if (data is None or data["organization_id"] != org_id
+            or data["expires_at"] <= time.time()):
+        raise Unauthorized("session has ended")
+    actor = Actor(user_id, org_id, session_id, tuple(data["roles"]), data["email"])
+    return actor, lookups[1:]

@@ -1,0 +1,66 @@
+"""What every request and every task works with, built once per process from the settings."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import redis
+
+from aggregates import AggregateStore
+from cache.breaker import CircuitBreaker
+from cache.l1 import L1Cache, L1Subscriber
+from cache.store import DisabledCache, RedisCache
+from config import Settings
+from db import Database
+
+log = logging.getLogger(__name__)
+
+Publisher = Callable[[Sequence[int]], None]
+
+
+def _no_publisher(outbox_ids: Sequence[int]) -> None:
+    """Until a Celery app is attached the outbox sweep delivers events."""
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: Database
+    redis: redis.Redis
+    cache: RedisCache
+    aggregates: AggregateStore
+    l1: L1Cache
+    publish: Publisher = _no_publisher
+    l1_subscriber: L1Subscriber | None = None
+    extras: dict = field(default_factory=dict)
+
+    def close(self) -> None:
+        if self.l1_subscriber:
+            self.l1_subscriber.stop()
+        self.db.dispose()
+        self.redis.close()
+
+
+def redis_client(settings: Settings, **overrides) -> redis.Redis:
+    options = dict(socket_timeout=settings.redis_socket_timeout,
+                   socket_connect_timeout=settings.redis_socket_timeout,
+                   retry_on_timeout=False, health_check_interval=0)
+    options.update(overrides)
+    return redis.Redis.from_url(settings.redis_url, **options)
+
+
+def build_services(settings: Settings, *, subscribe_l1: bool = True) -> Services:
+    db = Database.connect(settings.database_url)
+    client = redis_client(settings)
+    breaker = CircuitBreaker(settings.breaker_cooldown)
+    cache_cls = RedisCache if settings.cache_enabled else DisabledCache
+    cache = cache_cls(client, breaker)
+    l1 = L1Cache()
+    services = Services(settings, db, client, cache, AggregateStore(cache), l1)
+    if subscribe_l1 and settings.cache_enabled:
+        # Pub/sub blocks on reads: its connection must not share the request timeout.
+        listener = redis_client(settings, socket_timeout=None)
+        services.l1_subscriber = L1Subscriber(listener, l1).start()
+    return services

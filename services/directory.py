@@ -1,0 +1,100 @@
+"""Organizations and their members."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from cache import keys
+from events import ORGANIZATION_UPDATED, USER_CREATED, USER_UPDATED
+from models import Organization, User, new_id
+from services import present
+from services.auth import Actor, hash_password
+from services.context import Services
+from services.errors import Conflict, Forbidden, NotFound
+from services.pagination import page
+from services.reads import cached
+from services.uow import UnitOfWork
+
+
+def get_organization(services: Services, actor: Actor) -> tuple[dict, str]:
+    def load(db):
+        return present.organization(db.get(Organization, actor.org_id))
+    return cached(services, keys.organization(actor.org_id), load)
+
+
+def update_organization(services: Services, actor: Actor, *, name: str) -> dict:
+    require_admin(actor)
+    with UnitOfWork(services) as uow:
+        org = uow.session.get(Organization, actor.org_id, with_for_update=True)
+        org.name = name
+        uow.emit(ORGANIZATION_UPDATED, org.id)
+        uow.commit()
+        return present.organization(org)
+
+
+def require_admin(actor: Actor) -> None:
+    if not actor.is_admin:
+        raise Forbidden("this action needs the admin role")
+
+
+def _load_user(org_id: str, user_id: str):
+    def load(db) -> dict | None:
+        user = db.get(User, user_id)
+        return present.user(user) if user and user.organization_id == org_id else None
+    return load
+
+
+def get_user(services: Services, actor: Actor, user_id: str) -> tuple[dict, str]:
+    found, source = cached(services, keys.user(actor.org_id, user_id),
+                           _load_user(actor.org_id, user_id))
+    if found is None:
+        raise NotFound("no such user")
+    return found, source
+
+
+def me(services: Services, actor: Actor) -> tuple[dict, str]:
+    user, source = get_user(services, actor, actor.user_id)
+    org, _ = get_organization(services, actor)
+    return {**user, "organization": org}, source
+
+
+def list_users(services: Services, actor: Actor, *, limit: int, cursor: str | None):
+    def load(db):
+        query = select(User).where(User.organization_id == actor.org_id)
+        return page(db, query, User, limit=limit, cursor=cursor, present=present.user)
+    return cached(services, keys.member_list(actor.org_id, limit=limit, cursor=cursor), load)
+
+
+def create_user(services: Services, actor: Actor, *, email: str, password: str,
+                display_name: str, roles: list[str]) -> dict:
+    require_admin(actor)
+    password_hash = hash_password(password)
+    with UnitOfWork(services) as uow:
+        user = User(id=new_id(), organization_id=actor.org_id, email=email.lower(),
+                    password_hash=password_hash, display_name=display_name,
+                    roles=sorted(set(roles)))
+        uow.session.add(user)
+        try:
+            uow.session.flush()
+        except IntegrityError:
+            raise Conflict("a user with this email already exists") from None
+        uow.emit(USER_CREATED, actor.org_id, user_id=user.id)
+        uow.commit()
+        return present.user(user)
+
+
+def update_user(services: Services, actor: Actor, user_id: str, changes: dict) -> dict:
+    if user_id != actor.user_id:
+        require_admin(actor)
+    if "roles" in changes:
+        require_admin(actor)
+    with UnitOfWork(services) as uow:
+        user = uow.session.get(User, user_id, with_for_update=True)
+        if user is None or user.organization_id != actor.org_id:
+            raise NotFound("no such user")
+        for field, value in changes.items():
+            setattr(user, field, sorted(set(value)) if field == "roles" else value)
+        uow.emit(USER_UPDATED, actor.org_id, user_id=user.id)
+        uow.commit()
+        return present.user(user)

@@ -1,0 +1,106 @@
+"""Project and user statistics: served from Redis; computed on a request only on a cold miss,
+once per key however many requests miss together."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+
+from aggregates import PROJECT_STATS, USER_STATS, Aggregate, Snapshot
+from cache import metrics
+from cache.store import BYPASS, HIT_L2, MISS, STALE, Unavailable, _token
+from services.auth import Actor
+from services.context import Services
+from services.directory import get_user
+from services.errors import NotFound
+from services.projects import get_project
+
+# Ask a worker to recount once less than this much of the 5-minute TTL is left (refresh-ahead).
+REFRESH_AHEAD = 60
+
+
+def _iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _respond(stats: dict, computed_at: float, stale: bool) -> dict:
+    return {**stats, "computed_at": _iso(computed_at), "stale": stale}
+
+
+def _compute(services: Services, agg: Aggregate, actor: Actor, owner_id: str) -> dict:
+    metrics.inline_computations.labels(agg.kind).inc()
+    with services.db.session() as db:
+        stats = services.aggregates.recount(db, agg, actor.org_id, owner_id, reason="cold_miss")
+    if stats is None:
+        raise NotFound(f"no such {agg.kind}")
+    return _respond(stats, time.time(), False)
+
+
+def _schedule_recount(services: Services, agg: Aggregate, org_id: str, owner_id: str) -> None:
+    schedule = services.extras.get("schedule_recount")
+    if schedule:
+        schedule(agg.kind, org_id, owner_id)
+
+
+def _from_snapshot(services: Services, agg: Aggregate, actor: Actor, owner_id: str,
+                   snap: Snapshot) -> tuple[dict, str]:
+    if snap.stale or 0 <= snap.ttl < REFRESH_AHEAD:
+        _schedule_recount(services, agg, actor.org_id, owner_id)
+    if snap.stale:
+        metrics.stale_served.labels(f"{agg.kind}_stats").inc()
+        return _respond(snap.stats, snap.computed_at, True), STALE
+    return _respond(snap.stats, snap.computed_at, False), HIT_L2
+
+
+def read_stats(services: Services, agg: Aggregate, actor: Actor, owner_id: str) -> tuple[dict, str]:
+    store = services.aggregates
+    try:
+        snap = store.read(agg, actor.org_id, owner_id)
+    except Unavailable:
+        return _compute(services, agg, actor, owner_id), BYPASS
+    if snap is not None:
+        return _from_snapshot(services, agg, actor, owner_id, snap)
+    if not services.cache.enabled:
+        return _compute(services, agg, actor, owner_id), BYPASS
+    return _single_flight(services, agg, actor, owner_id)
+
+
+def _single_flight(services: Services, agg: Aggregate, actor: Actor,
+                   owner_id: str) -> tuple[dict, str]:
+    cache = services.cache
+    lock, token = f"lock:{agg.name(actor.org_id, owner_id)}", _token()
+    try:
+        leader = cache.call("lock", lambda: cache.client.set(lock, token, nx=True, px=30_000))
+    except Unavailable:
+        return _compute(services, agg, actor, owner_id), BYPASS
+    if leader:
+        try:
+            return _compute(services, agg, actor, owner_id), MISS
+        finally:
+            cache._unlock(lock, token)
+    deadline = time.monotonic() + 30
+    delay = 0.005
+    while time.monotonic() < deadline:
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+        try:
+            snap = services.aggregates.read(agg, actor.org_id, owner_id)
+            if snap is not None:
+                metrics.singleflight_waits.labels(f"{agg.kind}_stats", "served").inc()
+                return _from_snapshot(services, agg, actor, owner_id, snap)
+            if not cache.call("get", lambda: cache.client.exists(lock)):
+                break
+        except Unavailable:
+            break
+    metrics.singleflight_waits.labels(f"{agg.kind}_stats", "gave_up").inc()
+    return _compute(services, agg, actor, owner_id), MISS
+
+
+def project_stats(services: Services, actor: Actor, project_id: str) -> tuple[dict, str]:
+    get_project(services, actor, project_id)
+    return read_stats(services, PROJECT_STATS, actor, project_id)
+
+
+def user_stats(services: Services, actor: Actor, user_id: str) -> tuple[dict, str]:
+    get_user(services, actor, user_id)
+    return read_stats(services, USER_STATS, actor, user_id)

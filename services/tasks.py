@@ -1,0 +1,210 @@
+"""Tasks and comments. Every change that moves a count is numbered on the project (and assignee)
+row it belongs to, under that row's lock, and carried as a delta by its event."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+
+from aggregates import Delta
+from cache import keys
+from events import (COMMENT_CREATED, NOTIFICATION_CREATED, TASK_CREATED, TASK_DELETED,
+                    TASK_UPDATED)
+from models import Comment, Notification, NotificationKind, Project, Task, User, new_id, utcnow
+from services import present
+from services.auth import Actor
+from services.context import Services
+from services.directory import get_user
+from services.errors import Invalid, NotFound
+from services.pagination import page
+from services.projects import get_project, locked_project
+from services.reads import cached
+from services.uow import UnitOfWork
+
+
+# -- reads --------------------------------------------------------------------------------------
+def _load_task(org_id: str, task_id: str):
+    def load(db) -> dict | None:
+        task = db.get(Task, task_id)
+        return present.task(task) if task and task.organization_id == org_id else None
+    return load
+
+
+def get_task(services: Services, actor: Actor, task_id: str) -> tuple[dict, str]:
+    found, source = cached(services, keys.task(actor.org_id, task_id),
+                           _load_task(actor.org_id, task_id))
+    if found is None:
+        raise NotFound("no such task")
+    return found, source
+
+
+def list_project_tasks(services: Services, actor: Actor, project_id: str, *, status: str | None,
+                       assignee_id: str | None, limit: int, cursor: str | None):
+    get_project(services, actor, project_id)
+
+    def load(db):
+        query = select(Task).where(Task.project_id == project_id)
+        if status:
+            query = query.where(Task.status == status)
+        if assignee_id:
+            query = query.where(Task.assignee_id == assignee_id)
+        return page(db, query, Task, limit=limit, cursor=cursor, present=present.task)
+    key = keys.project_tasks(actor.org_id, project_id, status=status, assignee_id=assignee_id,
+                             limit=limit, cursor=cursor)
+    return cached(services, key, load)
+
+
+def list_user_tasks(services: Services, actor: Actor, user_id: str, *, status: str | None,
+                    limit: int, cursor: str | None):
+    get_user(services, actor, user_id)
+
+    def load(db):
+        query = select(Task).where(Task.assignee_id == user_id,
+                                   Task.organization_id == actor.org_id)
+        if status:
+            query = query.where(Task.status == status)
+        return page(db, query, Task, limit=limit, cursor=cursor, present=present.task)
+    key = keys.user_tasks(actor.org_id, user_id, status=status, limit=limit, cursor=cursor)
+    return cached(services, key, load)
+
+
+def list_comments(services: Services, actor: Actor, task_id: str, *, limit: int,
+                  cursor: str | None):
+    get_task(services, actor, task_id)
+
+    def load(db):
+        query = select(Comment).where(Comment.task_id == task_id)
+        return page(db, query, Comment, limit=limit, cursor=cursor, present=present.comment,
+                    newest_first=False)
+    return cached(services, keys.task_comments(actor.org_id, task_id, limit=limit, cursor=cursor),
+                  load)
+
+
+# -- writes -------------------------------------------------------------------------------------
+class _Numbering:
+    """Numbers the changes of one transaction on the rows that own aggregates."""
+
+    def __init__(self, uow: UnitOfWork, org_id: str) -> None:
+        self.uow = uow
+        self.org_id = org_id
+        self.deltas: list[Delta] = []
+
+    def project(self, project: Project, changes: dict[str, int]) -> None:
+        project.stats_seq += 1
+        self.deltas.append(Delta("project", self.org_id, project.id, project.stats_seq, changes))
+
+    def user(self, user_id: str | None, changes: dict[str, int]) -> None:
+        if not user_id:
+            return
+        user = self.uow.session.get(User, user_id, with_for_update=True)
+        if user is None:
+            return
+        user.stats_seq += 1
+        self.deltas.append(Delta("user", self.org_id, user_id, user.stats_seq, changes))
+
+
+def _member(uow: UnitOfWork, actor: Actor, user_id: str | None) -> None:
+    if user_id is None:
+        return
+    user = uow.session.get(User, user_id)
+    if user is None or user.organization_id != actor.org_id:
+        raise Invalid("assignee_id", "must be a member of this organization")
+
+
+def _notify(uow: UnitOfWork, actor: Actor, task: Task, user_id: str | None,
+            kind: NotificationKind) -> None:
+    if not user_id or user_id == actor.user_id:
+        return
+    uow.session.add(Notification(id=new_id(), user_id=user_id, organization_id=actor.org_id,
+                                 kind=kind.value, task_id=task.id, project_id=task.project_id))
+    uow.emit(NOTIFICATION_CREATED, actor.org_id, user_ids=[user_id])
+
+
+def create_task(services: Services, actor: Actor, project_id: str, fields: dict) -> dict:
+    with UnitOfWork(services) as uow:
+        project = locked_project(uow, actor, project_id)
+        _member(uow, actor, fields.get("assignee_id"))
+        now = utcnow()
+        task = Task(id=new_id(), organization_id=actor.org_id, project_id=project.id,
+                    created_at=now, updated_at=now, **fields)
+        task.status = task.status or "TODO"
+        task.priority = task.priority or "MEDIUM"
+        uow.session.add(task)
+        numbering = _Numbering(uow, actor.org_id)
+        numbering.project(project, {task.status: 1})
+        numbering.user(task.assignee_id, {task.status: 1})
+        uow.emit(TASK_CREATED, actor.org_id, numbering.deltas, task_id=task.id,
+                 project_id=project.id, assignees=[task.assignee_id])
+        _notify(uow, actor, task, task.assignee_id, NotificationKind.TASK_ASSIGNED)
+        uow.commit()
+        return present.task(task)
+
+
+def _locked_task(uow: UnitOfWork, actor: Actor, task_id: str) -> Task:
+    task = uow.session.get(Task, task_id, with_for_update=True)
+    if task is None or task.organization_id != actor.org_id:
+        raise NotFound("no such task")
+    return task
+
+
+def update_task(services: Services, actor: Actor, task_id: str, changes: dict) -> dict:
+    with UnitOfWork(services) as uow:
+        task = _locked_task(uow, actor, task_id)
+        if "assignee_id" in changes:
+            _member(uow, actor, changes["assignee_id"])
+        old_status, old_assignee = task.status, task.assignee_id
+        for field, value in changes.items():
+            setattr(task, field, value)
+        task.updated_at = utcnow()
+        numbering = _Numbering(uow, actor.org_id)
+        if task.status != old_status:
+            project = locked_project(uow, actor, task.project_id)
+            numbering.project(project, {old_status: -1, task.status: 1})
+        if task.assignee_id != old_assignee:
+            numbering.user(old_assignee, {old_status: -1})
+            numbering.user(task.assignee_id, {task.status: 1})
+        elif task.status != old_status:
+            numbering.user(task.assignee_id, {old_status: -1, task.status: 1})
+        uow.emit(TASK_UPDATED, actor.org_id, numbering.deltas, task_id=task.id,
+                 project_id=task.project_id, assignees=sorted({a for a in (old_assignee,
+                                                               task.assignee_id) if a}))
+        if task.assignee_id != old_assignee:
+            _notify(uow, actor, task, task.assignee_id, NotificationKind.TASK_ASSIGNED)
+        uow.commit()
+        return present.task(task)
+
+
+def delete_task(services: Services, actor: Actor, task_id: str) -> None:
+    with UnitOfWork(services) as uow:
+        task = _locked_task(uow, actor, task_id)
+        project = locked_project(uow, actor, task.project_id)
+        comments = uow.session.scalar(
+            select(func.count()).select_from(Comment).where(Comment.task_id == task.id))
+        notified = sorted(set(uow.session.scalars(
+            select(Notification.user_id).where(Notification.task_id == task.id))))
+        numbering = _Numbering(uow, actor.org_id)
+        numbering.project(project, {task.status: -1, "comments": -comments})
+        numbering.user(task.assignee_id, {task.status: -1})
+        uow.session.query(Notification).filter(Notification.task_id == task.id).delete()
+        uow.session.query(Comment).filter(Comment.task_id == task.id).delete()
+        uow.session.delete(task)
+        uow.emit(TASK_DELETED, actor.org_id, numbering.deltas, task_id=task.id,
+                 project_id=task.project_id, assignees=[task.assignee_id], notified=notified)
+        uow.commit()
+
+
+def create_comment(services: Services, actor: Actor, task_id: str, *, body: str) -> dict:
+    with UnitOfWork(services) as uow:
+        task = uow.session.get(Task, task_id)
+        if task is None or task.organization_id != actor.org_id:
+            raise NotFound("no such task")
+        project = locked_project(uow, actor, task.project_id)
+        comment = Comment(id=new_id(), task_id=task.id, project_id=task.project_id,
+                          author_id=actor.user_id, body=body, created_at=utcnow())
+        uow.session.add(comment)
+        numbering = _Numbering(uow, actor.org_id)
+        numbering.project(project, {"comments": 1})
+        uow.emit(COMMENT_CREATED, actor.org_id, numbering.deltas, task_id=task.id,
+                 project_id=task.project_id)
+        _notify(uow, actor, task, task.assignee_id, NotificationKind.TASK_COMMENTED)
+        uow.commit()
+        return present.comment(comment)

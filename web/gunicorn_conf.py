@@ -1,0 +1,40 @@
+"""Gunicorn settings for `make up` (`gunicorn -c web/gunicorn_conf.py "web:create_app()"`).
+
+The bind address comes from the command line. Environment: WEB_CONCURRENCY (worker processes),
+GUNICORN_ACCESS_LOG=1 (access log on stdout), PROMETHEUS_MULTIPROC_DIR (set by `make up`).
+"""
+
+import os
+
+
+def _cores() -> int:
+    """CPUs this process may run on (a container's CPU set), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+# Threads cover I/O waits (database, Redis); more processes than 4 only multiply per-process L1
+# caches and connection pools on a development machine.
+workers = int(os.environ.get("WEB_CONCURRENCY") or min(2 * _cores() + 1, 4))
+worker_class = "gthread"
+threads = 4
+graceful_timeout = 10
+accesslog = "-" if _flag("GUNICORN_ACCESS_LOG") else None
+errorlog = "-"
+# Gunicorn 23+ opens a control socket at one fixed path per user by default: a second gunicorn
+# (the tests', another checkout's) would take it over. Nothing here uses gunicornc.
+control_socket_disable = True
+
+
+def child_exit(server, worker):
+    """A dead worker's live gauges must leave /metrics (prometheus_client multiprocess mode)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
