@@ -144,14 +144,23 @@ class RedisCache:
                 self._owed_purges |= owed
             self.breaker.record_failure()
 
+    def _settle_owed_purges(self) -> bool:
+        """Nothing is read from Redis while an invalidation this process owes is unpaid."""
+        try:
+            self.call("replay", self._pay_owed_purges)
+        except Unavailable:
+            return False
+        return not self._owed_purges
+
     # -- reads --------------------------------------------------------------------------------
     def lookup(self, key: Key) -> Lookup:
         return self.lookup_many([key])[0]
 
     def lookup_many(self, keys: Sequence[Key]) -> list[Lookup]:
         """Look up several keys in one round trip (e.g. the session and the entity of a request)."""
-        if self._owed_purges:
-            self.call("replay", self._pay_owed_purges)
+        if self._owed_purges and not self._settle_owed_purges():
+            return [Lookup(key, None) for key in keys]
+
         def run() -> list:
             pipe = self.client.pipeline(transaction=False)
             for key in keys:

@@ -1,0 +1,118 @@
+"""Fixtures: real servers only. A private redis-server per test session (flushed between tests:
+it is ours), and each database backend of TEST_DATABASES (default: sqlite,mariadb) migrated once
+per session; a MariaDB database is uniquely named, created and dropped by the session."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass, field
+
+import pytest
+
+os.environ.setdefault("PASSWORD_HASH_MEMORY_KIB", "1024")  # argon2 stays argon2, only cheaper
+
+from config import Settings  # noqa: E402
+from db.migrations import upgrade  # noqa: E402
+from stack.redis_server import RedisServer  # noqa: E402
+
+MARIADB_ADMIN_URL = os.environ.get("TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306")
+
+
+def _backends() -> list[str]:
+    wanted = os.environ.get("TEST_DATABASES", "sqlite,mariadb")
+    return [b.strip() for b in wanted.split(",") if b.strip()]
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    server = RedisServer.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session", params=_backends())
+def database_url(request, tmp_path_factory):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'test.db'}"
+        upgrade(url)
+        yield url
+        return
+    from sqlalchemy import create_engine, text
+
+    name = f"taskcache_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(MARIADB_ADMIN_URL)
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4"))
+    try:
+        url = f"{MARIADB_ADMIN_URL}/{name}"
+        upgrade(url)
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
+        admin.dispose()
+
+
+@pytest.fixture
+def settings(database_url, redis_server) -> Settings:
+    import redis
+
+    redis.Redis.from_url(redis_server.url_for(0)).flushall()
+    return Settings(database_url=database_url, redis_url=redis_server.url_for(0),
+                    celery_broker_url=redis_server.url_for(1), secret_key="test-secret-" + "x" * 32,
+                    breaker_cooldown=0.5)
+
+
+@pytest.fixture
+def services(settings):
+    from services.context import build_services
+
+    built = build_services(settings)
+    yield built
+    built.close()
+
+
+@pytest.fixture
+def app(settings, services):
+    from web import create_app
+
+    return create_app(settings, services)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@dataclass
+class Account:
+    """A signed-up organization admin, as a client sees it."""
+
+    token: str
+    user: dict
+    organization: dict
+    email: str
+    password: str = "correct horse battery"
+    headers: dict = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.headers = {"Authorization": f"Bearer {self.token}"}
+
+
+@pytest.fixture
+def sign_up(client):
+    def _sign_up(name: str = "Acme") -> Account:
+        email = f"{uuid.uuid4().hex[:10]}@example.com"
+        answer = client.post("/api/orgs", json={
+            "organization_name": name, "email": email, "password": "correct horse battery",
+            "display_name": "Admin"})
+        assert answer.status_code == 201, answer.json
+        body = answer.json
+        return Account(body["access_token"], body["user"], body["organization"], email)
+    return _sign_up
+
+
+@pytest.fixture
+def admin(sign_up) -> Account:
+    return sign_up()

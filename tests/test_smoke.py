@@ -1,0 +1,14 @@
+"""The shortest path through the API: sign up, create, read through the cache."""
+
+
+def test_a_created_project_is_read_back_through_the_cache(client, admin):
+    created = client.post("/api/projects", json={"name": "Launch"}, headers=admin.headers)
+    assert created.status_code == 201
+    url = f"/api/projects/{created.json['id']}"
+
+    first = client.get(url, headers=admin.headers)
+    second = client.get(url, headers=admin.headers)
+
+    assert first.json == second.json == created.json
+    assert first.headers["X-Cache"] == "MISS"
+    assert second.headers["X-Cache"] == "HIT-L2"

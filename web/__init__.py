@@ -1,0 +1,64 @@
+"""The Flask application factory. Nothing is built at import time."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask
+
+from config import Settings, load_settings
+from services.context import Services, build_services
+
+MAX_BODY = 1024 * 1024
+
+
+def create_app(settings: Settings | None = None, services: Services | None = None) -> Flask:
+    settings = settings or load_settings()
+    app = Flask(__name__)
+    app.config.update(MAX_CONTENT_LENGTH=MAX_BODY, SECRET_KEY=settings.secret_key,
+                      SEND_FILE_MAX_AGE_DEFAULT=3600)
+    app.json.sort_keys = False
+    services = services or build_services(settings)
+    app.extensions["taskcache"] = services
+    _attach_worker(app, services)
+    _register_blueprints(app)
+    _static_headers(app)
+    from web import errors
+
+    errors.register(app)
+    _logging(app)
+    return app
+
+
+def _register_blueprints(app: Flask) -> None:
+    from web import openapi
+    from web.views import accounts, operations, work
+
+    for module in (accounts, work, operations, openapi):
+        app.register_blueprint(module.bp)
+
+
+def _attach_worker(app: Flask, services: Services) -> None:
+    """Events go to Celery after commit; without the worker package the outbox sweep would."""
+    try:
+        from worker import attach_publisher
+    except ImportError:
+        return
+    attach_publisher(services)
+
+
+def _static_headers(app: Flask) -> None:
+    @app.after_request
+    def immutable_static(response):
+        from flask import request
+
+        if request.path.startswith("/static/"):
+            response.headers["Cache-Control"] = "public, max-age=3600, immutable"
+            response.add_etag() if not response.get_etag()[0] else None
+        return response
+
+
+def _logging(app: Flask) -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,145 @@
+"""Declaring an endpoint: its schemas validate the request, describe it in OpenAPI, and say how
+the answer is cached by clients. Views receive validated input and return (data, X-Cache)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from functools import wraps
+from typing import Any, Callable
+from uuid import UUID
+
+import orjson
+from flask import Blueprint, Response, current_app, request
+from pydantic import BaseModel, ValidationError
+
+from services import auth
+from services.errors import DomainError, Unauthorized
+
+JSON = "application/json"
+
+
+@dataclass
+class Operation:
+    method: str
+    rule: str
+    summary: str
+    tag: str
+    body: type[BaseModel] | None
+    query: type[BaseModel] | None
+    response: type[BaseModel] | None
+    status: int
+    authenticated: bool
+    public: bool
+    errors: tuple[int, ...] = field(default_factory=tuple)
+
+    @property
+    def path(self) -> str:
+        return re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", self.rule)
+
+    @property
+    def path_params(self) -> list[str]:
+        return re.findall(r"<(?:\w+:)?(\w+)>", self.rule)
+
+
+OPERATIONS: list[Operation] = []
+
+
+class BadRequest(DomainError):
+    status, title = 400, "Bad Request"
+
+
+class UnsupportedMediaType(DomainError):
+    status, title = 415, "Unsupported Media Type"
+
+
+class Unprocessable(DomainError):
+    status, title = 422, "Unprocessable Content"
+
+
+def services():
+    return current_app.extensions["taskcache"]
+
+
+def _field_errors(exc: ValidationError) -> list[dict]:
+    return [{"field": ".".join(str(p) for p in e["loc"]) or "body", "message": e["msg"]}
+            for e in exc.errors(include_url=False)]
+
+
+def parse_body(model: type[BaseModel]) -> BaseModel:
+    if request.mimetype != JSON:
+        raise UnsupportedMediaType("send the body as application/json")
+    raw = request.get_data(cache=False)
+    try:
+        return model.model_validate_json(raw or b"")
+    except ValidationError as exc:
+        if any(e["type"] == "json_invalid" for e in exc.errors()):
+            raise BadRequest("the body is not valid JSON") from None
+        errors = _field_errors(exc)
+        raise Unprocessable("; ".join(f"{e['field']}: {e['message']}" for e in errors),
+                            errors) from None
+
+
+def parse_query(model: type[BaseModel]) -> BaseModel:
+    try:
+        return model.model_validate(request.args.to_dict())
+    except ValidationError as exc:
+        errors = _field_errors(exc)
+        raise Unprocessable("; ".join(f"{e['field']}: {e['message']}" for e in errors),
+                            errors) from None
+
+
+def bearer_token() -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("send an access token: Authorization: Bearer <token>")
+    return token.strip()
+
+
+def respond(result: Any, op: Operation) -> Response:
+    if op.status == 204:
+        return Response(status=204)
+    data, source = result if isinstance(result, tuple) else (result, None)
+    body = orjson.dumps(data)
+    response = Response(body, status=op.status, mimetype=JSON)
+    if op.method == "GET":
+        etag = '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
+        response.headers["ETag"] = etag
+        response.headers["Cache-Control"] = ("public, max-age=60, s-maxage=120" if op.public
+                                             else "private, no-cache")
+        if source:
+            response.headers["X-Cache"] = source
+        if etag in request.headers.get("If-None-Match", ""):
+            response.status_code = 304
+            response.set_data(b"")
+    return response
+
+
+def endpoint(bp: Blueprint, method: str, rule: str, *, summary: str,
+             body: type[BaseModel] | None = None, query: type[BaseModel] | None = None,
+             response: type[BaseModel] | None = None, status: int = 200,
+             authenticated: bool = True, public: bool = False,
+             errors: tuple[int, ...] = ()) -> Callable:
+    op = Operation(method, rule, summary, bp.name, body, query, response, status, authenticated,
+                   public, errors)
+    OPERATIONS.append(op)
+
+    def wrap(fn: Callable) -> Callable:
+        @wraps(fn)
+        def view(**path: Any) -> Response:
+            kwargs = {k: str(v) if isinstance(v, UUID) else v for k, v in path.items()}
+            if body is not None:
+                kwargs["body"] = parse_body(body)
+            if query is not None:
+                kwargs["query"] = parse_query(query)
+            ctx = services()
+            if authenticated:
+                kwargs["actor"], _ = auth.authenticate(ctx, bearer_token())
+            return respond(fn(ctx, **kwargs), op)
+
+        bp.add_url_rule(rule, endpoint=fn.__name__, view_func=view, methods=[method])
+        return fn
+
+    return wrap

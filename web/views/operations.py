@@ -1,0 +1,126 @@
+"""Public configuration, cache administration, health and metrics."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from flask import Blueprint, Response, current_app
+
+from cache.store import tally_key
+from services.directory import require_admin
+from services.errors import DomainError
+from services.settings_store import get_config
+from web import schemas as s
+from web.endpoint import endpoint, services
+
+bp = Blueprint("operations", __name__)
+
+
+class NotImplementedYet(DomainError):
+    status, title = 501, "Not Implemented"
+
+
+@endpoint(bp, "GET", "/api/public/feature-flags", summary="Feature flags", response=s.FeatureFlags,
+          authenticated=False, public=True)
+def feature_flags(services):
+    flags, source = get_config(services, "feature_flags")
+    return {"flags": flags}, source
+
+
+@endpoint(bp, "GET", "/api/public/rate-limits", summary="Published rate limits",
+          response=s.RateLimits, authenticated=False, public=True)
+def rate_limits(services):
+    limits, source = get_config(services, "rate_limits")
+    return {"limits": limits}, source
+
+
+@endpoint(bp, "POST", "/api/admin/cache/warm", summary="Warm this organization's cache now "
+          "(admin)", response=s.TaskAccepted, status=202, errors=(403, 501))
+def warm_cache(services, actor):
+    require_admin(actor)
+    warm = services.extras.get("warm_organization")
+    if warm is None:
+        raise NotImplementedYet("no worker is attached to this API")
+    return {"task_id": warm(actor.org_id)}
+
+
+@endpoint(bp, "DELETE", "/api/admin/cache", summary="Purge this organization's cached data "
+          "(admin)", status=202, errors=(403,))
+def purge_cache(services, actor):
+    require_admin(actor)
+    if not services.cache.purge_organization(actor.org_id):
+        # Redis is unreachable: nothing can be served from it, and the purge is owed.
+        pass
+
+
+@endpoint(bp, "GET", "/health", summary="Liveness (no dependencies)", response=s.Status,
+          authenticated=False)
+def health(services):
+    return {"status": "ok"}
+
+
+@bp.get("/health/ready")
+def ready() -> Response:
+    from sqlalchemy import text
+
+    try:
+        with services().db.session() as db:
+            db.execute(text("SELECT 1"))
+    except Exception as exc:
+        return _json({"status": "unready", "database": str(exc.__class__.__name__)}, 503)
+    return _json({"status": "ok"}, 200)
+
+
+@bp.get("/health/cache")
+def cache_health() -> Response:
+    return _json(cache_report(services()), 200)
+
+
+def cache_report(ctx) -> dict:
+    breaker = ctx.cache.breaker.state
+    try:
+        def probe():
+            pipe = ctx.redis.pipeline(transaction=False)
+            pipe.info()
+            pipe.hgetall(tally_key())
+            pipe.hgetall(tally_key(1))
+            return pipe.execute()
+        info, now, before = ctx.cache.call("health", probe)
+    except Exception as exc:
+        return {"status": "unhealthy", "hit_rate": None, "memory_used_mb": None,
+                "connected_clients": None, "breaker": breaker, "error": str(exc) or "unreachable"}
+    hits = sum(int(t.get(b"hits", 0)) for t in (now, before))
+    misses = sum(int(t.get(b"misses", 0)) for t in (now, before))
+    hit_rate = hits / (hits + misses) if hits + misses else None
+    return {
+        "status": "degraded" if hit_rate is not None and hit_rate < 0.6 else "healthy",
+        "hit_rate": None if hit_rate is None else round(hit_rate, 4),
+        "memory_used_mb": round(info["used_memory"] / 1024 / 1024, 2),
+        "connected_clients": info["connected_clients"],
+        "evicted_keys": info.get("evicted_keys", 0),
+        "maxmemory_policy": info.get("maxmemory_policy"),
+        "breaker": breaker,
+        "window": "last 1-2 hours, all API processes",
+    }
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+    from prometheus_client import REGISTRY
+
+    registry = REGISTRY
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+
+
+def _json(data: dict, status: int) -> Response:
+    import orjson
+
+    return Response(orjson.dumps(data), status=status, mimetype="application/json",
+                    headers={"Cache-Control": "no-store"})
