@@ -286,6 +286,8 @@ class AggregateStore:
             return None
         seq, counts = counted
         metrics.aggregate_recomputes.labels(agg.kind, reason).inc()
+        if not self.cache.enabled:
+            return agg.present(owner_id, counts)
         try:
             self.replace(agg, org_id, owner_id, seq, counts)
         except Unavailable:

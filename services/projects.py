@@ -15,7 +15,7 @@ from services.context import Services
 from services.errors import NotFound
 from services.pagination import page
 from services.reads import cached
-from services.uow import UnitOfWork
+from services.uow import UnitOfWork, retry_on_deadlock
 
 
 def _load_project(org_id: str, project_id: str):
@@ -68,6 +68,7 @@ def locked_project(uow: UnitOfWork, actor: Actor, project_id: str) -> Project:
     return project
 
 
+@retry_on_deadlock
 def update_project(services: Services, actor: Actor, project_id: str, changes: dict) -> dict:
     with UnitOfWork(services) as uow:
         project = locked_project(uow, actor, project_id)
@@ -96,6 +97,7 @@ def _assignee_deltas(uow: UnitOfWork, actor: Actor, project_id: str) -> list[Del
     return deltas
 
 
+@retry_on_deadlock
 def delete_project(services: Services, actor: Actor, project_id: str) -> None:
     with UnitOfWork(services) as uow:
         project = locked_project(uow, actor, project_id)

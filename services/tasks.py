@@ -18,7 +18,7 @@ from services.errors import Invalid, NotFound
 from services.pagination import page
 from services.projects import get_project, locked_project
 from services.reads import cached
-from services.uow import UnitOfWork
+from services.uow import UnitOfWork, retry_on_deadlock
 
 
 # -- reads --------------------------------------------------------------------------------------
@@ -102,12 +102,14 @@ class _Numbering:
         self.deltas.append(Delta("user", self.org_id, user_id, user.stats_seq, changes))
 
 
-def _member(uow: UnitOfWork, actor: Actor, user_id: str | None) -> None:
-    if user_id is None:
-        return
-    user = uow.session.get(User, user_id)
-    if user is None or user.organization_id != actor.org_id:
-        raise Invalid("assignee_id", "must be a member of this organization")
+def _lock_members(uow: UnitOfWork, actor: Actor, *user_ids: str | None) -> None:
+    """Row-lock the users whose statistics this transaction numbers, in id order, before any
+    insert or update references them: InnoDB's foreign-key checks take shared locks on them, and
+    upgrading those later is how two writers deadlock."""
+    for user_id in sorted({u for u in user_ids if u}):
+        user = uow.session.get(User, user_id, with_for_update=True)
+        if user is None or user.organization_id != actor.org_id:
+            raise Invalid("assignee_id", "must be a member of this organization")
 
 
 def _notify(uow: UnitOfWork, actor: Actor, task: Task, user_id: str | None,
@@ -119,19 +121,21 @@ def _notify(uow: UnitOfWork, actor: Actor, task: Task, user_id: str | None,
     uow.emit(NOTIFICATION_CREATED, actor.org_id, user_ids=[user_id])
 
 
+@retry_on_deadlock
 def create_task(services: Services, actor: Actor, project_id: str, fields: dict) -> dict:
     with UnitOfWork(services) as uow:
         project = locked_project(uow, actor, project_id)
-        _member(uow, actor, fields.get("assignee_id"))
+        _lock_members(uow, actor, fields.get("assignee_id"))
         now = utcnow()
         task = Task(id=new_id(), organization_id=actor.org_id, project_id=project.id,
                     created_at=now, updated_at=now, **fields)
         task.status = task.status or "TODO"
         task.priority = task.priority or "MEDIUM"
-        uow.session.add(task)
         numbering = _Numbering(uow, actor.org_id)
         numbering.project(project, {task.status: 1})
         numbering.user(task.assignee_id, {task.status: 1})
+        uow.session.add(task)
+        uow.session.flush()  # no ORM relationships order the inserts: the task goes first
         uow.emit(TASK_CREATED, actor.org_id, numbering.deltas, task_id=task.id,
                  project_id=project.id, assignees=[task.assignee_id])
         _notify(uow, actor, task, task.assignee_id, NotificationKind.TASK_ASSIGNED)
@@ -139,44 +143,53 @@ def create_task(services: Services, actor: Actor, project_id: str, fields: dict)
         return present.task(task)
 
 
-def _locked_task(uow: UnitOfWork, actor: Actor, task_id: str) -> Task:
-    task = uow.session.get(Task, task_id, with_for_update=True)
-    if task is None or task.organization_id != actor.org_id:
+def _locked_task(uow: UnitOfWork, actor: Actor, task_id: str) -> tuple[Task, Project]:
+    """The task and its project, locked project first: every write to a project's tasks takes
+    the project's lock first, so writers of one project queue instead of deadlocking."""
+    project_id = uow.session.scalar(select(Task.project_id).where(
+        Task.id == task_id, Task.organization_id == actor.org_id))
+    if project_id is None:
         raise NotFound("no such task")
-    return task
+    project = locked_project(uow, actor, project_id)
+    task = uow.session.get(Task, task_id, with_for_update=True)
+    if task is None:
+        raise NotFound("no such task")
+    return task, project
 
 
+@retry_on_deadlock
 def update_task(services: Services, actor: Actor, task_id: str, changes: dict) -> dict:
     with UnitOfWork(services) as uow:
-        task = _locked_task(uow, actor, task_id)
-        if "assignee_id" in changes:
-            _member(uow, actor, changes["assignee_id"])
+        task, project = _locked_task(uow, actor, task_id)
         old_status, old_assignee = task.status, task.assignee_id
+        new_status = changes.get("status", old_status)
+        new_assignee = changes.get("assignee_id", old_assignee)
+        _lock_members(uow, actor, old_assignee, new_assignee)
+        numbering = _Numbering(uow, actor.org_id)
+        if new_status != old_status:
+            numbering.project(project, {old_status: -1, new_status: 1})
+        if new_assignee != old_assignee:
+            numbering.user(old_assignee, {old_status: -1})
+            numbering.user(new_assignee, {new_status: 1})
+        elif new_status != old_status:
+            numbering.user(new_assignee, {old_status: -1, new_status: 1})
         for field, value in changes.items():
             setattr(task, field, value)
         task.updated_at = utcnow()
-        numbering = _Numbering(uow, actor.org_id)
-        if task.status != old_status:
-            project = locked_project(uow, actor, task.project_id)
-            numbering.project(project, {old_status: -1, task.status: 1})
-        if task.assignee_id != old_assignee:
-            numbering.user(old_assignee, {old_status: -1})
-            numbering.user(task.assignee_id, {task.status: 1})
-        elif task.status != old_status:
-            numbering.user(task.assignee_id, {old_status: -1, task.status: 1})
         uow.emit(TASK_UPDATED, actor.org_id, numbering.deltas, task_id=task.id,
-                 project_id=task.project_id, assignees=sorted({a for a in (old_assignee,
-                                                               task.assignee_id) if a}))
-        if task.assignee_id != old_assignee:
-            _notify(uow, actor, task, task.assignee_id, NotificationKind.TASK_ASSIGNED)
+                 project_id=task.project_id,
+                 assignees=sorted({a for a in (old_assignee, new_assignee) if a}))
+        if new_assignee != old_assignee:
+            _notify(uow, actor, task, new_assignee, NotificationKind.TASK_ASSIGNED)
         uow.commit()
         return present.task(task)
 
 
+@retry_on_deadlock
 def delete_task(services: Services, actor: Actor, task_id: str) -> None:
     with UnitOfWork(services) as uow:
-        task = _locked_task(uow, actor, task_id)
-        project = locked_project(uow, actor, task.project_id)
+        task, project = _locked_task(uow, actor, task_id)
+        _lock_members(uow, actor, task.assignee_id)
         comments = uow.session.scalar(
             select(func.count()).select_from(Comment).where(Comment.task_id == task.id))
         notified = sorted(set(uow.session.scalars(
@@ -192,12 +205,10 @@ def delete_task(services: Services, actor: Actor, task_id: str) -> None:
         uow.commit()
 
 
+@retry_on_deadlock
 def create_comment(services: Services, actor: Actor, task_id: str, *, body: str) -> dict:
     with UnitOfWork(services) as uow:
-        task = uow.session.get(Task, task_id)
-        if task is None or task.organization_id != actor.org_id:
-            raise NotFound("no such task")
-        project = locked_project(uow, actor, task.project_id)
+        task, project = _locked_task(uow, actor, task_id)
         comment = Comment(id=new_id(), task_id=task.id, project_id=task.project_id,
                           author_id=actor.user_id, body=body, created_at=utcnow())
         uow.session.add(comment)

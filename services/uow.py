@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Any
+import random
+import time
+from typing import Any, Callable, TypeVar
 
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from aggregates import Delta
@@ -49,3 +53,25 @@ class UnitOfWork:
             self.services.publish(outbox_ids)
         except Exception as exc:  # the outbox sweep re-sends it; the write stands
             log.warning("could not publish events %s (the sweep will): %s", outbox_ids, exc)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+# MySQL/MariaDB: 1213 deadlock, 1205 lock wait timeout. The transaction was rolled back whole,
+# nothing was committed or published, so running the write again is safe.
+RETRYABLE_CODES = {1213, 1205}
+
+
+def retry_on_deadlock(fn: F, attempts: int = 4) -> F:
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        for attempt in range(1, attempts + 1):
+            try:
+                return fn(*args, **kwargs)
+            except OperationalError as exc:
+                code = getattr(exc.orig, "args", [None])[0]
+                if code not in RETRYABLE_CODES or attempt == attempts:
+                    raise
+                log.info("%s: %s, retrying (attempt %d)", fn.__name__, exc.orig, attempt)
+                time.sleep(random.uniform(0.005, 0.03) * attempt)
+        raise AssertionError("unreachable")
+    return run  # type: ignore[return-value]
