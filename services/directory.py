@@ -85,14 +85,13 @@ def create_user(services: Services, actor: Actor, *, email: str, password: str,
 
 
 def update_user(services: Services, actor: Actor, user_id: str, changes: dict) -> dict:
-    if user_id != actor.user_id:
-        require_admin(actor)
-    if "roles" in changes:
-        require_admin(actor)
     with UnitOfWork(services) as uow:
         user = uow.session.get(User, user_id, with_for_update=True)
+        # 404 before 403: whether an id exists (in another organization) is never confirmed.
         if user is None or user.organization_id != actor.org_id:
             raise NotFound("no such user")
+        if user_id != actor.user_id or "roles" in changes:
+            require_admin(actor)
         for field, value in changes.items():
             setattr(user, field, sorted(set(value)) if field == "roles" else value)
         uow.emit(USER_UPDATED, actor.org_id, user_id=user.id)

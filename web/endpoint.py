@@ -130,13 +130,14 @@ def endpoint(bp: Blueprint, method: str, rule: str, *, summary: str,
         @wraps(fn)
         def view(**path: Any) -> Response:
             kwargs = {k: str(v) if isinstance(v, UUID) else v for k, v in path.items()}
+            ctx = services()
+            # Who is asking comes first: an anonymous caller learns nothing from validation.
+            if authenticated:
+                kwargs["actor"], _ = auth.authenticate(ctx, bearer_token())
             if body is not None:
                 kwargs["body"] = parse_body(body)
             if query is not None:
                 kwargs["query"] = parse_query(query)
-            ctx = services()
-            if authenticated:
-                kwargs["actor"], _ = auth.authenticate(ctx, bearer_token())
             return respond(fn(ctx, **kwargs), op)
 
         bp.add_url_rule(rule, endpoint=fn.__name__, view_func=view, methods=[method])
