@@ -98,7 +98,32 @@ def _single_flight(services: Services, agg: Aggregate, actor: Actor,
 
 def project_stats(services: Services, actor: Actor, project_id: str) -> tuple[dict, str]:
     get_project(services, actor, project_id)
+    _count_read(services, actor.org_id, project_id)
     return read_stats(services, PROJECT_STATS, actor, project_id)
+
+
+# Reads of project stats per hour, the warm-ups' measure of "busiest" (tasks/warmup.py).
+HOT_PROJECTS_TTL = 7200
+
+
+def hot_projects_key(hours_ago: int = 0) -> str:
+    return f"hot:projects:{int(time.time() // 3600) - hours_ago}"
+
+
+def _count_read(services: Services, org_id: str, project_id: str) -> None:
+    if not services.cache.enabled:
+        return
+    key = hot_projects_key()
+
+    def run() -> None:
+        pipe = services.redis.pipeline(transaction=False)
+        pipe.zincrby(key, 1, f"{org_id}:{project_id}")
+        pipe.expire(key, HOT_PROJECTS_TTL)
+        pipe.execute()
+    try:
+        services.cache.call("hot", run)
+    except Unavailable:
+        pass
 
 
 def user_stats(services: Services, actor: Actor, user_id: str) -> tuple[dict, str]:

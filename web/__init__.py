@@ -41,10 +41,11 @@ def _register_blueprints(app: Flask) -> None:
 def _attach_worker(app: Flask, services: Services) -> None:
     """Events go to Celery after commit; without the worker package the outbox sweep would."""
     try:
-        from worker import attach_publisher
+        from worker import attach_publisher, register_cli
     except ImportError:
         return
     attach_publisher(services)
+    register_cli(app)  # `flask --app web warm`
 
 
 def _static_headers(app: Flask) -> None:

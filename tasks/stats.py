@@ -1,0 +1,36 @@
+"""Coalesced recounts of project and user statistics."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from celery import shared_task
+
+from aggregates import AGGREGATES
+from worker.base import TaskBase
+from worker.publish import pending_key
+
+# Tests only: seconds a recount sleeps between taking its marker and counting, so a test can
+# kill the worker process in the middle of one. Unset in production.
+SLOW_RECOUNT_ENV = "TASKCACHE_TEST_SLOW_RECOUNT"
+
+
+@shared_task(base=TaskBase, bind=True, name="tasks.stats.recount")
+def recount(self, kind: str, org_id: str, owner_id: str) -> str:
+    services = self.services
+    # Before reading: a change that lands from here on finds no marker and schedules another run,
+    # so nothing committed during this recount can be left out.
+    services.redis.delete(pending_key(kind, owner_id))
+    _test_delay(services, owner_id)
+    with services.db.session() as session:
+        stats = services.aggregates.recount(session, AGGREGATES[kind], org_id, owner_id,
+                                            reason="coalesced")
+    return "gone" if stats is None else "counted"
+
+
+def _test_delay(services, owner_id: str) -> None:
+    delay = float(os.environ.get(SLOW_RECOUNT_ENV) or 0)
+    if delay:
+        services.redis.rpush(f"test:recount-started:{owner_id}", os.getpid())
+        time.sleep(delay)

@@ -1,0 +1,229 @@
+"""Cache warm-ups: the strategy's CacheWarmer, filling exactly the keys the API reads.
+
+Every value is loaded through the same service read functions the API calls (same key, same
+presenter, same stale-set protection), with a synthetic actor of the organization being warmed.
+Project lookups go to Redis in batches first, so a warm cache costs one round trip per 100
+projects and only the misses are loaded.
+
+What a warm-up fills, per organization: the organization, the first page of members, the first
+page of projects (all and ACTIVE), each active project, and project statistics:
+- beat and worker start (`warm_all`): up to 100 active organizations and 500 active projects in
+  all, busiest first, and the stats of the 50 busiest projects, busiest measured by the reads the
+  API counts per hour (services.stats.hot_projects_key);
+- POST /api/admin/cache/warm and `flask warm --org` (`warm_organization`): one organization, up
+  to 500 active projects and the stats of each.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable
+
+from celery import shared_task
+from sqlalchemy import select
+
+from aggregates import PROJECT_STATS
+from cache.keys import AGGREGATE_TTL
+from cache.keys import project as project_key
+from cache.store import Unavailable
+from models import Organization, OrgStatus, Project, ProjectStatus
+from services import directory, projects
+from services.auth import Actor
+from services.stats import REFRESH_AHEAD, hot_projects_key
+from worker.base import TaskBase
+
+log = logging.getLogger(__name__)
+
+ORGANIZATION_LIMIT = 100
+PROJECT_LIMIT = 500
+HOT_STATS_LIMIT = 50
+LIST_LIMIT = 50  # the API's default page: what a client's first request reads
+LOOKUP_BATCH = 100
+LAST_REPORT_KEY = "warmup:last:{trigger}"
+RUN_LOCK = "lock:warmup:all"
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class Report:
+    trigger: str
+    organizations: int = 0
+    projects: int = 0
+    projects_loaded: int = 0
+    stats: int = 0
+    stats_recounted: int = 0
+    seconds: float = 0.0
+    finished_at: float = 0.0
+    organization_ids: list[str] = field(default_factory=list)
+
+
+def _actor(org_id: str) -> Actor:
+    return Actor(user_id="warmup", org_id=org_id, session_id="warmup", roles=("admin",),
+                 email="")
+
+
+class CacheWarmer:
+    def __init__(self, services, progress: Progress | None = None) -> None:
+        self.services = services
+        self.progress = progress or (lambda n: None)
+
+    # -- what to warm ---------------------------------------------------------------------------
+    def busiest(self, limit: int) -> list[tuple[str, str]]:
+        """(org_id, project_id) of the most read project stats in the last one to two hours."""
+        cache = self.services.cache
+        try:
+            ranked = cache.call("hot", lambda: cache.client.zunion(
+                [hot_projects_key(0), hot_projects_key(1)], withscores=True))
+        except Unavailable:
+            return []
+        ranked.sort(key=lambda pair: -pair[1])
+        found = []
+        for member, _score in ranked[:limit]:
+            org_id, _, project_id = (member.decode() if isinstance(member, bytes)
+                                     else member).partition(":")
+            found.append((org_id, project_id))
+        return found
+
+    def plan(self) -> tuple[list[str], dict[str, list[str]], list[tuple[str, str]]]:
+        """Organizations (busiest first), their active projects within the limits, hot stats."""
+        hot = self.busiest(HOT_STATS_LIMIT)
+        hot_rank = {pid: i for i, (_, pid) in enumerate(hot)}
+        with self.services.db.session() as db:
+            orgs = list(db.scalars(select(Organization.id).where(
+                Organization.status == OrgStatus.ACTIVE.value)
+                .order_by(Organization.created_at.desc()).limit(ORGANIZATION_LIMIT)))
+            hot_orgs = {o for o, _ in hot}
+            if hot_orgs - set(orgs):
+                orgs += list(db.scalars(select(Organization.id).where(
+                    Organization.id.in_(hot_orgs - set(orgs)),
+                    Organization.status == OrgStatus.ACTIVE.value)))
+            orgs.sort(key=lambda o: o not in hot_orgs)  # stable: busiest organizations first
+            orgs = orgs[:ORGANIZATION_LIMIT]
+            rows = db.execute(select(Project.organization_id, Project.id).where(
+                Project.organization_id.in_(orgs), Project.status == ProjectStatus.ACTIVE.value)
+                .order_by(Project.updated_at.desc()).limit(PROJECT_LIMIT * 4)).all()
+        rows.sort(key=lambda r: hot_rank.get(r.id, len(hot_rank)))
+        per_org: dict[str, list[str]] = {o: [] for o in orgs}
+        for org_id, project_id in rows[:PROJECT_LIMIT]:
+            per_org[org_id].append(project_id)
+        active = {pid for pids in per_org.values() for pid in pids}
+        return orgs, per_org, [(o, p) for o, p in hot if p in active]
+
+    # -- warming --------------------------------------------------------------------------------
+    def warm_all(self, trigger: str) -> Report:
+        started = time.perf_counter()
+        report = Report(trigger)
+        orgs, per_org, hot = self.plan()
+        for org_id in orgs:
+            self._warm_entities(org_id, per_org[org_id], report)
+        from celeryconfig import WARMUP_INTERVAL
+
+        # Refresh hot stats that would expire before the next run (they are never left to
+        # expire while they are read).
+        refresh_below = min(AGGREGATE_TTL, 2 * WARMUP_INTERVAL)
+        for org_id, project_id in hot:
+            self._warm_stats(org_id, project_id, refresh_below, report)
+        return self._finish(report, started)
+
+    def warm_organization(self, org_id: str, trigger: str = "admin") -> Report:
+        started = time.perf_counter()
+        report = Report(trigger)
+        with self.services.db.session() as db:
+            org = db.get(Organization, org_id)
+            if org is None:
+                return self._finish(report, started)
+            project_ids = list(db.scalars(select(Project.id).where(
+                Project.organization_id == org_id, Project.status == ProjectStatus.ACTIVE.value)
+                .order_by(Project.updated_at.desc()).limit(PROJECT_LIMIT)))
+        self._warm_entities(org_id, project_ids, report, count_progress=False)
+        for project_id in project_ids:
+            self._warm_stats(org_id, project_id, REFRESH_AHEAD, report)
+            self.progress(1)
+        return self._finish(report, started)
+
+    def _warm_entities(self, org_id: str, project_ids: list[str], report: Report,
+                       count_progress: bool = True) -> None:
+        services, actor = self.services, _actor(org_id)
+        directory.get_organization(services, actor)
+        directory.list_users(services, actor, limit=LIST_LIMIT, cursor=None)
+        for status in (None, ProjectStatus.ACTIVE.value):
+            projects.list_projects(services, actor, status=status, limit=LIST_LIMIT, cursor=None)
+        report.organizations += 1
+        report.organization_ids.append(org_id)
+        for batch in _chunks(project_ids, LOOKUP_BATCH):
+            lookups = services.cache.lookup_many([project_key(org_id, p) for p in batch])
+            for project_id, lookup in zip(batch, lookups):
+                if not lookup.hit:
+                    try:
+                        projects.get_project(services, actor, project_id, lookup)
+                        report.projects_loaded += 1
+                    except Exception as exc:  # deleted meanwhile: nothing to warm
+                        log.debug("project %s not warmed: %s", project_id, exc)
+                report.projects += 1
+            if count_progress:
+                self.progress(len(batch))
+
+    def _warm_stats(self, org_id: str, project_id: str, refresh_below: float,
+                    report: Report) -> None:
+        store = self.services.aggregates
+        try:
+            snap = store.read(PROJECT_STATS, org_id, project_id)
+        except Unavailable:
+            return
+        report.stats += 1
+        if snap is not None and not snap.stale and snap.ttl >= refresh_below:
+            return
+        with self.services.db.session() as db:
+            if store.recount(db, PROJECT_STATS, org_id, project_id, reason="warmup") is not None:
+                report.stats_recounted += 1
+
+    def _finish(self, report: Report, started: float) -> Report:
+        report.seconds = round(time.perf_counter() - started, 4)
+        report.finished_at = time.time()
+        from worker import metrics
+
+        metrics.warmup_keys.labels("project").inc(report.projects_loaded)
+        metrics.warmup_keys.labels("project_stats").inc(report.stats_recounted)
+        summary = {k: v for k, v in asdict(report).items() if k != "organization_ids"}
+        log.info("warm-up (%s) done: %s", report.trigger, summary)
+        try:
+            cache = self.services.cache
+            cache.call("set", lambda: cache.client.set(
+                LAST_REPORT_KEY.format(trigger=report.trigger), json.dumps(summary), ex=86_400))
+        except Unavailable:
+            pass
+        return report
+
+
+def _chunks(items: list, size: int) -> Iterable[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+@shared_task(base=TaskBase, bind=True, name="tasks.warmup.warm_all")
+def warm_all(self, trigger: str = "beat") -> dict:
+    """One run at a time: a worker start and a beat tick together warm once."""
+    cache = self.services.cache
+    try:
+        if not cache.call("lock", lambda: cache.client.set(RUN_LOCK, "1", nx=True, ex=600)):
+            return {"skipped": "another warm-up is running"}
+    except Unavailable:
+        return {"skipped": "cache unreachable"}
+    try:
+        report = CacheWarmer(self.services).warm_all(trigger)
+    finally:
+        try:
+            cache.call("unlock", lambda: cache.client.delete(RUN_LOCK))
+        except Unavailable:
+            pass
+    return {k: v for k, v in asdict(report).items() if k != "organization_ids"}
+
+
+@shared_task(base=TaskBase, bind=True, name="tasks.warmup.warm_organization")
+def warm_organization(self, org_id: str) -> dict:
+    report = CacheWarmer(self.services).warm_organization(org_id)
+    return {k: v for k, v in asdict(report).items() if k != "organization_ids"}
