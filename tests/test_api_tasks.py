@@ -1,0 +1,205 @@
+"""Tasks and comments: defaults, validation, filters, cursor pages, edits, deletes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from api_support import (add_member, assert_problem, count, make_comment, make_project,
+                         make_task, random_id, walk)
+
+
+@pytest.fixture
+def project(client, admin):
+    return make_project(client, admin.headers)
+
+
+def test_a_task_gets_the_defaults_todo_and_medium(client, admin, project):
+    answer = client.post(f"/api/projects/{project['id']}/tasks", headers=admin.headers,
+                         json={"title": "Write tests"})
+    assert answer.status_code == 201
+    task = answer.json
+    assert set(task) == {"id", "organization_id", "project_id", "title", "description", "status",
+                         "priority", "assignee_id", "due_date", "created_at", "updated_at"}
+    assert (task["status"], task["priority"]) == ("TODO", "MEDIUM")
+    assert task["assignee_id"] is None and task["due_date"] is None and task["description"] == ""
+    assert task["project_id"] == project["id"]
+    assert task["organization_id"] == admin.organization["id"]
+    assert client.get(f"/api/tasks/{task['id']}", headers=admin.headers).json == task
+
+
+def test_a_task_takes_every_field(client, admin, project):
+    member = add_member(client, admin)
+    task = make_task(client, admin.headers, project["id"], title="T", description="D",
+                     status="BLOCKED", priority="URGENT", assignee_id=member["user"]["id"],
+                     due_date="2030-02-28")
+    assert (task["title"], task["description"], task["status"], task["priority"]) == (
+        "T", "D", "BLOCKED", "URGENT")
+    assert task["assignee_id"] == member["user"]["id"] and task["due_date"] == "2030-02-28"
+
+
+@pytest.mark.parametrize("body", [
+    {}, {"title": ""}, {"title": "x" * 201}, {"title": "t", "status": "DONE"},
+    {"title": "t", "priority": "low"}, {"title": "t", "due_date": "tomorrow"},
+    {"title": "t", "due_date": "2030-02-30"}, {"title": "t", "assignee_id": "not-a-uuid"},
+    {"title": "t", "assignee_id": random_id()}, {"title": "t", "project_id": random_id()},
+    {"title": "t", "description": "x" * 10_001}, {"title": ["t"]}, {"title": "t", "status": None},
+])
+def test_invalid_task_bodies_are_422_and_create_nothing(client, admin, services, project, body):
+    from models import Task
+
+    assert_problem(client.post(f"/api/projects/{project['id']}/tasks", headers=admin.headers,
+                               json=body), 422)
+    assert count(services, Task, project_id=project["id"]) == 0
+    assert client.get(f"/api/projects/{project['id']}/tasks",
+                      headers=admin.headers).json["items"] == []
+
+
+def test_project_tasks_are_newest_first_and_every_page_walks_them_once(client, admin, project):
+    made = [make_task(client, admin.headers, project["id"], title=f"T{i}") for i in range(9)]
+    for limit in (1, 2, 4, 9, 10):
+        listed = walk(client, f"/api/projects/{project['id']}/tasks", admin.headers, limit)
+        assert [t["id"] for t in listed] == [t["id"] for t in reversed(made)]
+
+
+def test_a_cursor_stays_valid_when_new_tasks_arrive(client, admin, project):
+    made = [make_task(client, admin.headers, project["id"], title=f"T{i}") for i in range(4)]
+    first = client.get(f"/api/projects/{project['id']}/tasks?limit=2", headers=admin.headers).json
+    make_task(client, admin.headers, project["id"], title="late")
+    rest = client.get(f"/api/projects/{project['id']}/tasks?limit=2&cursor="
+                      f"{first['next_cursor']}", headers=admin.headers).json
+    assert [t["id"] for t in first["items"] + rest["items"]] == [t["id"] for t in
+                                                                  reversed(made)]
+
+
+def test_project_tasks_filter_by_status_and_assignee(client, admin, project):
+    member = add_member(client, admin)
+    uid = member["user"]["id"]
+    a = make_task(client, admin.headers, project["id"], status="TODO", assignee_id=uid)
+    b = make_task(client, admin.headers, project["id"], status="COMPLETED", assignee_id=uid)
+    c = make_task(client, admin.headers, project["id"], status="TODO")
+    url = f"/api/projects/{project['id']}/tasks"
+
+    def ids(query):
+        answer = client.get(f"{url}?{query}", headers=admin.headers)
+        assert answer.status_code == 200, answer.json
+        return [t["id"] for t in answer.json["items"]]
+
+    assert ids("status=TODO") == [c["id"], a["id"]]
+    assert ids(f"assignee_id={uid}") == [b["id"], a["id"]]
+    assert ids(f"status=TODO&assignee_id={uid}") == [a["id"]]
+    assert ids(f"assignee_id={random_id()}") == []
+    assert_problem(client.get(f"{url}?assignee_id=nope", headers=admin.headers), 422)
+    assert_problem(client.get(f"{url}?status=todo", headers=admin.headers), 422)
+
+
+def test_patch_edits_any_task_field_and_lists_reflect_it(client, admin, project):
+    member = add_member(client, admin)
+    task = make_task(client, admin.headers, project["id"])
+    url = f"/api/tasks/{task['id']}"
+    client.get(f"/api/projects/{project['id']}/tasks", headers=admin.headers)  # cached
+    time.sleep(0.01)
+    edited = client.patch(url, headers=admin.headers, json={
+        "title": "New", "description": "More", "status": "IN_PROGRESS", "priority": "HIGH",
+        "assignee_id": member["user"]["id"], "due_date": "2031-01-01"})
+    assert edited.status_code == 200
+    body = edited.json
+    assert (body["title"], body["description"], body["status"], body["priority"],
+            body["assignee_id"], body["due_date"]) == ("New", "More", "IN_PROGRESS", "HIGH",
+                                                       member["user"]["id"], "2031-01-01")
+    assert body["updated_at"] > task["updated_at"] and body["created_at"] == task["created_at"]
+    assert client.get(url, headers=member["headers"]).json == body
+    assert client.get(f"/api/projects/{project['id']}/tasks",
+                      headers=admin.headers).json["items"] == [body]
+    assert client.get(f"/api/users/{member['user']['id']}/tasks",
+                      headers=admin.headers).json["items"] == [body]
+    cleared = client.patch(url, headers=admin.headers, json={"assignee_id": None,
+                                                             "due_date": None}).json
+    assert cleared["assignee_id"] is None and cleared["due_date"] is None
+    assert client.get(f"/api/users/{member['user']['id']}/tasks",
+                      headers=admin.headers).json["items"] == []
+
+
+@pytest.mark.parametrize("body", [{"title": None}, {"status": "DONE"}, {"priority": None},
+                                  {"project_id": random_id()}, {"id": random_id()},
+                                  {"organization_id": random_id()}, {"assignee_id": random_id()},
+                                  {"created_at": "2020-01-01T00:00:00Z"}, {"title": "x" * 201}])
+def test_invalid_task_patches_are_422_and_change_nothing(client, admin, project, body):
+    task = make_task(client, admin.headers, project["id"])
+    url = f"/api/tasks/{task['id']}"
+    assert_problem(client.patch(url, headers=admin.headers, json=body), 422)
+    assert client.get(url, headers=admin.headers).json == task
+
+
+def test_an_empty_patch_changes_nothing_but_is_accepted(client, admin, project):
+    task = make_task(client, admin.headers, project["id"])
+    answer = client.patch(f"/api/tasks/{task['id']}", headers=admin.headers, json={})
+    assert answer.status_code == 200
+    assert {k: v for k, v in answer.json.items() if k != "updated_at"} == \
+        {k: v for k, v in task.items() if k != "updated_at"}
+
+
+def test_deleting_a_task_removes_it_and_its_comments(client, admin, services, project):
+    from models import Comment, Task
+
+    task = make_task(client, admin.headers, project["id"])
+    other = make_task(client, admin.headers, project["id"])
+    make_comment(client, admin.headers, task["id"])
+    answer = client.delete(f"/api/tasks/{task['id']}", headers=admin.headers)
+    assert answer.status_code == 204 and answer.data == b""
+    assert_problem(client.get(f"/api/tasks/{task['id']}", headers=admin.headers), 404)
+    assert_problem(client.delete(f"/api/tasks/{task['id']}", headers=admin.headers), 404)
+    assert [t["id"] for t in client.get(f"/api/projects/{project['id']}/tasks",
+                                        headers=admin.headers).json["items"]] == [other["id"]]
+    assert count(services, Task, id=task["id"]) == 0
+    assert count(services, Comment, task_id=task["id"]) == 0
+
+
+# -- comments -----------------------------------------------------------------------------------
+def test_a_comment_has_the_contract_shape(client, admin, project):
+    task = make_task(client, admin.headers, project["id"])
+    answer = client.post(f"/api/tasks/{task['id']}/comments", headers=admin.headers,
+                         json={"body": "Looks good"})
+    assert answer.status_code == 201
+    comment = answer.json
+    assert set(comment) == {"id", "task_id", "project_id", "author_id", "body", "created_at"}
+    assert (comment["task_id"], comment["project_id"], comment["author_id"], comment["body"]) == (
+        task["id"], project["id"], admin.user["id"], "Looks good")
+
+
+def test_comments_are_listed_oldest_first_across_pages(client, admin, project):
+    member = add_member(client, admin)
+    task = make_task(client, admin.headers, project["id"])
+    made = [make_comment(client, (admin.headers, member["headers"])[i % 2], task["id"], f"c{i}")
+            for i in range(7)]
+    for limit in (1, 3, 7, 50):
+        listed = walk(client, f"/api/tasks/{task['id']}/comments", admin.headers, limit)
+        assert [c["id"] for c in listed] == [c["id"] for c in made]
+
+
+@pytest.mark.parametrize("body", [{}, {"body": ""}, {"body": "x" * 10_001}, {"body": None},
+                                  {"body": "ok", "author_id": random_id()}, {"text": "ok"}])
+def test_invalid_comments_are_422_and_create_nothing(client, admin, services, project, body):
+    from models import Comment
+
+    task = make_task(client, admin.headers, project["id"])
+    assert_problem(client.post(f"/api/tasks/{task['id']}/comments", headers=admin.headers,
+                               json=body), 422)
+    assert count(services, Comment, task_id=task["id"]) == 0
+
+
+def test_a_comment_body_of_exactly_ten_thousand_characters_is_kept_whole(client, admin, project):
+    task = make_task(client, admin.headers, project["id"])
+    text = "ü" * 9_999 + "!"
+    assert make_comment(client, admin.headers, task["id"], text)["body"] == text
+    assert client.get(f"/api/tasks/{task['id']}/comments",
+                      headers=admin.headers).json["items"][0]["body"] == text
+
+
+def test_unknown_task_ids_are_404_on_every_task_route(client, admin):
+    url = f"/api/tasks/{random_id()}"
+    for method, path, body in [("GET", url, None), ("PATCH", url, {"title": "x"}),
+                               ("DELETE", url, None), ("GET", url + "/comments", None),
+                               ("POST", url + "/comments", {"body": "x"})]:
+        assert_problem(client.open(path, method=method, headers=admin.headers, json=body), 404)
