@@ -6,6 +6,12 @@ contains; a delta numbered `seq + 1` is folded in at once, an older one is ignor
 counted: deltas are idempotent), a newer one waits in the hash until the gap fills. A full recount
 reads the counts and `stats_seq` in one statement, i.e. one snapshot, and replaces the hash only if
 it is newer than what the hash holds, so a recount can never drop or double a delta.
+
+A cold recount first reserves the hash (a placeholder at seq -1 that reads as a miss): a delta
+committed while the recount reads the database is then buffered in it instead of finding nothing
+and being lost, and the recount's store folds it in. A recount never creates a hash that is
+neither there nor reserved (it expired, or the organization was purged meanwhile): a delta may
+have found nothing while it counted.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from models import Comment, Project, Task, TaskStatus, User
 
 STATUSES = [s.value for s in TaskStatus]
 MAX_BUFFERED = 10_000
+RESERVE_MS = 30_000  # how long a recount may take before its reservation lapses
 
 # KEYS[1]: the organization's generation; ARGV: base name, token, version ttl, then per command.
 _RESOLVE = """
@@ -40,6 +47,14 @@ _READ = _RESOLVE + """
 local refresh = tonumber(ARGV[4])
 local ttl = redis.call('TTL', name)
 return {redis.call('HGETALL', name), ttl}
+"""
+
+# ARGV[4]=placeholder ttl in ms. Reserve the hash for a recount unless it exists.
+_RESERVE = _RESOLVE + """
+if redis.call('EXISTS', name) == 1 then return 0 end
+redis.call('HSET', name, 'seq', -1)
+redis.call('PEXPIRE', name, ARGV[4])
+return 1
 """
 
 # ARGV[4]=seq, ARGV[5]=ttl, ARGV[6]=max buffered, ARGV[7..]=field, delta pairs.
@@ -78,6 +93,7 @@ return 'applied'
 _REPLACE = _RESOLVE + """
 local seq = tonumber(ARGV[4])
 local old = redis.call('HGETALL', name)
+if #old == 0 then return 'missing' end
 local have = -1
 local buffered = {}
 local drift = 0
@@ -231,6 +247,7 @@ class AggregateStore:
         self.cache = cache
         client = cache.client
         self._read = client.register_script(_READ)
+        self._reserve = client.register_script(_RESERVE)
         self._apply = client.register_script(_APPLY)
         self._replace = client.register_script(_REPLACE)
 
@@ -243,6 +260,8 @@ class AggregateStore:
             return None
         keys, args = self._args(agg, org_id, owner_id)
         flat, ttl = self.cache.call("get", lambda: self._read(keys=keys, args=[*args, 0]))
+        if flat and b"seq" in flat[::2] and flat[flat.index(b"seq") + 1] == b"-1":
+            flat = []  # reserved by a recount in progress: a miss
         if not flat:
             metrics.misses.labels("redis", f"{agg.kind}_stats").inc()
             return None
@@ -267,6 +286,15 @@ class AggregateStore:
         metrics.aggregate_deltas.labels(delta.kind, outcome, source).inc()
         return outcome
 
+    def reserve(self, agg: Aggregate, org_id: str, owner_id: str) -> None:
+        """Before a recount reads the database: deltas committed meanwhile wait in the hash."""
+        keys, args = self._args(agg, org_id, owner_id)
+        try:
+            self.cache.call("reserve", lambda: self._reserve(
+                keys=keys, args=[*args, RESERVE_MS]))
+        except Unavailable:
+            pass
+
     def replace(self, agg: Aggregate, org_id: str, owner_id: str, seq: int,
                 counts: dict[str, int]) -> str:
         keys, args = self._args(agg, org_id, owner_id)
@@ -281,6 +309,8 @@ class AggregateStore:
     def recount(self, session: Session, agg: Aggregate, org_id: str, owner_id: str,
                 reason: str) -> dict | None:
         """Count from the database and store. Returns the presented stats (None: owner gone)."""
+        if self.cache.enabled:
+            self.reserve(agg, org_id, owner_id)
         counted = agg.count(session, owner_id)
         if counted is None:
             return None
