@@ -52,6 +52,15 @@ redis.call('EXPIRE', ARGV[5], 7200)
 return {name, value}
 """
 
+# Become the loader of a missed value, unless another loader stored it since our lookup (then
+# return it): a reader whose lookup missed just before a loader stored must not load again.
+_ACQUIRE = """
+local value = redis.call('GET', KEYS[1])
+if value then return {value, 0} end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {false, 1} end
+return {false, 0}
+"""
+
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -101,6 +110,7 @@ class RedisCache:
         self.lock_ttl_ms = lock_ttl_ms
         self.max_wait = max_wait
         self._lookup = client.register_script(_LOOKUP)
+        self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
         self._bump = client.register_script(_BUMP)
         # Organizations whose invalidation failed while Redis was unreachable: their generation
@@ -206,10 +216,13 @@ class RedisCache:
         lock = f"lock:{lookup.stored_name}"
         token = _token()
         try:
-            leader = self.call("lock", lambda: self.client.set(lock, token, nx=True,
-                                                               px=self.lock_ttl_ms))
+            raw, leader = self.call("lock", lambda: self._acquire(
+                keys=[lookup.stored_name, lock], args=[token, self.lock_ttl_ms]))
         except Unavailable:
             return load(), BYPASS
+        if raw is not None:
+            metrics.singleflight_waits.labels(key.family, "served").inc()
+            return codec.decode(raw), HIT_L2
         if leader:
             try:
                 value = load()
@@ -244,10 +257,12 @@ class RedisCache:
         return MISSING
 
     def _get_and_exists(self, name: str, lock: str) -> tuple[bytes | None, int]:
+        # The lock first: a leader stores before it unlocks, so once the lock is seen gone the
+        # GET after it sees the value (the other order can miss both and load a second time).
         pipe = self.client.pipeline(transaction=False)
-        pipe.get(name)
         pipe.exists(lock)
-        raw, locked = pipe.execute()
+        pipe.get(name)
+        locked, raw = pipe.execute()
         return raw, locked
 
     def _unlock(self, lock: str, token: str) -> None:
