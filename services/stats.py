@@ -75,7 +75,13 @@ def _single_flight(services: Services, agg: Aggregate, actor: Actor,
         return _compute(services, agg, actor, owner_id), BYPASS
     if leader:
         try:
+            # A leader whose miss came just before the previous leader stored: nothing to do.
+            snap = services.aggregates.read(agg, actor.org_id, owner_id)
+            if snap is not None:
+                return _from_snapshot(services, agg, actor, owner_id, snap)
             return _compute(services, agg, actor, owner_id), MISS
+        except Unavailable:
+            return _compute(services, agg, actor, owner_id), BYPASS
         finally:
             cache._unlock(lock, token)
     deadline = time.monotonic() + 30
@@ -84,11 +90,13 @@ def _single_flight(services: Services, agg: Aggregate, actor: Actor,
         time.sleep(delay)
         delay = min(delay * 2, 0.1)
         try:
+            # The lock first: once it is seen gone, the leader's store is visible to the read.
+            locked = cache.call("get", lambda: cache.client.exists(lock))
             snap = services.aggregates.read(agg, actor.org_id, owner_id)
             if snap is not None:
                 metrics.singleflight_waits.labels(f"{agg.kind}_stats", "served").inc()
                 return _from_snapshot(services, agg, actor, owner_id, snap)
-            if not cache.call("get", lambda: cache.client.exists(lock)):
+            if not locked:
                 break
         except Unavailable:
             break
