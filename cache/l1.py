@@ -9,6 +9,7 @@ message could cost.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any, Callable
@@ -29,6 +30,12 @@ class L1Cache:
     def __init__(self, maxsize: int = 1024, ttl: float = 30.0) -> None:
         self._data: TTLCache = TTLCache(maxsize=maxsize, ttl=ttl, timer=time.monotonic)
         self._lock = threading.Lock()
+        # Bumped by every invalidation: a load that began before one must not be kept after it
+        # (the L1's stale-set race: the message can arrive while the old value is being loaded).
+        self._epoch = 0
+        # Names this process publishes carry it, so that its subscriber skips its own echo (the
+        # writer already dropped the name synchronously; the echo would drop the fresh value).
+        self.origin = os.urandom(4).hex()
 
     def get(self, name: str, family: str) -> Any:
         with self._lock:
@@ -39,12 +46,21 @@ class L1Cache:
             metrics.hits.labels("l1", family).inc()
         return value
 
-    def set(self, name: str, value: Any) -> None:
+    def set(self, name: str, value: Any, epoch: int | None = None) -> bool:
+        """Keep `value`, unless an invalidation came after `epoch` (see `epoch()`)."""
         with self._lock:
+            if epoch is not None and epoch != self._epoch:
+                return False
             self._data[name] = value
+            return True
+
+    def epoch(self) -> int:
+        with self._lock:
+            return self._epoch
 
     def invalidate(self, name: str) -> None:
         with self._lock:
+            self._epoch += 1
             if name == CLEAR_ALL:
                 self._data.clear()
             else:
@@ -55,9 +71,9 @@ class L1Cache:
             return len(self._data)
 
 
-def announce(client: redis.Redis, name: str) -> None:
-    """Tell every process to drop `name` from its L1."""
-    client.publish(CHANNEL, name)
+def announce(client: redis.Redis, name: str, origin: str = "") -> None:
+    """Tell every process (but `origin`, which dropped it already) to drop `name` from its L1."""
+    client.publish(CHANNEL, f"{origin} {name}" if origin else name)
 
 
 class L1Subscriber:
@@ -98,8 +114,11 @@ class L1Subscriber:
             while not self._stop.is_set():
                 message = pubsub.get_message(timeout=0.5)
                 if message and message["type"] == "message":
-                    name = message["data"]
-                    self._l1.invalidate(name.decode() if isinstance(name, bytes) else name)
+                    data = message["data"]
+                    data = data.decode() if isinstance(data, bytes) else data
+                    origin, _, name = data.rpartition(" ")
+                    if origin != self._l1.origin:
+                        self._l1.invalidate(name)
         finally:
             pubsub.close()
 
@@ -108,6 +127,7 @@ def read_through_l1(l1: L1Cache, name: str, family: str, load: Callable[[], Any]
     value = l1.get(name, family)
     if value is not MISSING:
         return value, True
+    epoch = l1.epoch()
     value = load()
-    l1.set(name, value)
+    l1.set(name, value, epoch)
     return value, False

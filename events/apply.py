@@ -19,18 +19,21 @@ def apply_event(services, *, kind: str, org_id: str, payload: dict, event_id: st
     versions = versions_for(kind, org_id, payload)
     invalidated = services.cache.invalidate(versions, org_ids=[org_id], family=kind.split(".")[0],
                                             source=source, event_id=event_id)
-    if kind == CONFIG_CHANGED and invalidated:
-        _announce_l1(services, payload["name"])
+    if kind == CONFIG_CHANGED:
+        _announce_l1(services, payload["name"], invalidated)
     deltas = [Delta.from_dict(d) for d in payload.get("deltas", [])]
     outcomes = apply_deltas(services.aggregates, deltas, source) if services.cache.enabled else []
     return {"invalidated": invalidated, "deltas": outcomes}
 
 
-def _announce_l1(services, name: str) -> None:
+def _announce_l1(services, name: str, invalidated: bool) -> None:
     from cache.keys import config
 
-    try:
-        services.cache.call("publish", lambda: l1.announce(services.redis, config(name).name))
-    except Exception as exc:  # the L1 TTL bounds what a lost announcement costs
-        log.warning("could not announce L1 invalidation of %s: %s", name, exc)
+    if invalidated and services.cache.enabled:
+        try:
+            services.cache.call("publish", lambda: l1.announce(
+                services.redis, config(name).name, services.l1.origin))
+        except Exception as exc:  # the L1 TTL bounds what a lost announcement costs
+            log.warning("could not announce L1 invalidation of %s: %s", name, exc)
+    # This process's own L1 at once, even when Redis is down (its subscriber skips the echo).
     services.l1.invalidate(config(name).name)
