@@ -172,12 +172,20 @@ class RedisCache:
             return [Lookup(key, None) for key in keys]
 
         def run() -> list:
-            pipe = self.client.pipeline(transaction=False)
-            for key in keys:
-                self._lookup(keys=key.versions, client=pipe,
-                             args=[key.name, _token(), VERSION_TTL,
-                                   key.ttl if key.sliding else 0, tally])
-            return pipe.execute()
+            # EVALSHA in a plain pipeline: one round trip. (A Script registered on a pipeline
+            # costs a SCRIPT EXISTS round trip on every execute.) A restarted Redis has lost
+            # the script: load it and go again.
+            for attempt in (1, 2):
+                pipe = self.client.pipeline(transaction=False)
+                for key in keys:
+                    pipe.evalsha(self._lookup.sha, len(key.versions), *key.versions, key.name,
+                                 _token(), VERSION_TTL, key.ttl if key.sliding else 0, tally)
+                try:
+                    return pipe.execute()
+                except redis.exceptions.NoScriptError:
+                    if attempt == 2:
+                        raise
+                    self.client.script_load(_LOOKUP)
 
         tally = tally_key()
         try:
