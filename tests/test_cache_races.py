@@ -227,7 +227,8 @@ def test_a_warm_recount_racing_a_write_neither_drops_nor_doubles(client, admin, 
 
 
 # -- L1 ----------------------------------------------------------------------------------------------
-def test_feature_flags_are_served_from_l1_on_the_second_read(client):
+def test_feature_flags_are_served_from_l1_on_the_second_read(client, services):
+    assert services.l1_subscriber.ready.wait(5)  # subscribing clears the L1 (missed messages)
     first = client.get("/api/public/feature-flags")
     second = client.get("/api/public/feature-flags")
     assert first.headers["X-Cache"] == "MISS"
@@ -288,6 +289,7 @@ def test_the_l1_is_bounded_and_expires_on_the_monotonic_clock():
 
 
 def test_config_reads_see_the_database_default_then_the_stored_value(services):
+    assert services.l1_subscriber.ready.wait(5)
     assert get_config(services, "rate_limits")[0]["max_page_size"] == 200
     set_config(services, "rate_limits", {"max_page_size": 100})
     assert get_config(services, "rate_limits") == ({"max_page_size": 100}, "MISS")

@@ -1,0 +1,125 @@
+"""What operators and the performance budget rely on: database queries and Redis round trips per
+hot request, /health/cache, /metrics, and the per-organization purge."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.cache_helpers import count_round_trips, count_sql
+
+
+@pytest.fixture
+def project(client, admin):
+    made = client.post("/api/projects", json={"name": "Launch"}, headers=admin.headers).json
+    client.post(f"/api/projects/{made['id']}/tasks", json={"title": "T"}, headers=admin.headers)
+    return made
+
+
+def cost(client, services, url, headers) -> tuple[int, int, str]:
+    """(SQL statements, Redis round trips, X-Cache) of one request."""
+    with count_sql(services) as sql, count_round_trips(services) as trips:
+        answer = client.get(url, headers=headers)
+    assert answer.status_code == 200
+    return sql.count, trips.count, answer.headers["X-Cache"]
+
+
+@pytest.mark.parametrize("path, max_trips", [
+    ("/api/projects/{id}", 2),          # session + project
+    ("/api/projects/{id}/tasks", 3),    # session + project (404 check) + list
+    ("/api/projects/{id}/stats", 4),    # session + project + stats hash + busiest-projects tally
+    ("/api/me", 3),                     # session + user + organization
+])
+def test_a_warm_hot_request_never_touches_the_database(client, admin, project, services, path,
+                                                       max_trips):
+    url = path.format(id=project["id"])
+    client.get(url, headers=admin.headers)
+    sql, trips, source = cost(client, services, url, admin.headers)
+    print(f"\n{path}: {trips} Redis round trips, {sql} SQL statements ({source})")
+    assert source == "HIT-L2"
+    assert sql == 0
+    assert trips <= max_trips
+
+
+def test_a_flag_read_from_l1_costs_no_round_trip(client, services):
+    client.get("/api/public/feature-flags")
+    sql, trips, source = cost(client, services, "/api/public/feature-flags", {})
+    assert (sql, trips, source) == (0, 0, "HIT-L1")
+
+
+def test_a_cold_project_get_costs_one_query(client, admin, project, services):
+    client.get("/api/me", headers=admin.headers)
+    with count_sql(services) as sql:
+        answer = client.get(f"/api/projects/{project['id']}", headers=admin.headers)
+    assert answer.headers["X-Cache"] == "MISS"
+    queries = [q for q in sql.statements if q.split()[0].upper() not in ("BEGIN", "COMMIT",
+                                                                        "ROLLBACK")]
+    assert len(queries) == 1, sql.statements
+
+
+# -- /health/cache ---------------------------------------------------------------------------------
+def test_cache_health_is_healthy_with_a_good_hit_rate_and_degraded_below_0_6(client, admin,
+                                                                             project):
+    fresh = client.get("/health/cache")
+    assert fresh.status_code == 200 and fresh.json["status"] in ("healthy", "degraded")
+    assert fresh.json["connected_clients"] >= 1 and fresh.json["memory_used_mb"] > 0
+    for _ in range(30):
+        client.get(f"/api/projects/{project['id']}", headers=admin.headers)
+    good = client.get("/health/cache").json
+    assert good["status"] == "healthy" and good["hit_rate"] >= 0.6
+    for i in range(120):  # every page is a new key: misses
+        client.get(f"/api/projects?limit={1 + i % 200}&status=ACTIVE", headers=admin.headers)
+        client.get(f"/api/projects?limit={1 + i % 200}", headers=admin.headers)
+    bad = client.get("/health/cache").json
+    assert bad["status"] == "degraded" and bad["hit_rate"] < 0.6
+
+
+def test_cache_health_is_unhealthy_while_redis_is_down(client, redis_server):
+    redis_server.kill()
+    try:
+        down = client.get("/health/cache")
+        assert down.status_code == 200
+        assert down.json["status"] == "unhealthy"
+    finally:
+        redis_server.restart()
+
+
+# -- /metrics ---------------------------------------------------------------------------------------
+def test_metrics_expose_hits_misses_durations_and_the_breaker(client, admin, project):
+    for _ in range(2):
+        client.get(f"/api/projects/{project['id']}", headers=admin.headers)
+        client.get("/api/public/feature-flags")
+    text = client.get("/metrics").get_data(as_text=True)
+    for line in ['cache_hits_total{cache_layer="redis",entity_type="project"}',
+                 'cache_misses_total{cache_layer="redis",entity_type="project"}',
+                 'cache_hits_total{cache_layer="l1",entity_type="config"}',
+                 'cache_operation_duration_seconds_bucket{cache_layer="redis",le="0.001",'
+                 'operation="get"}',
+                 'cache_breaker_open ']:
+        assert line in text, line
+
+
+# -- purge ---------------------------------------------------------------------------------------------
+def test_purging_the_cache_purges_only_the_callers_organization(client, sign_up):
+    a, b = sign_up("A"), sign_up("B")
+    urls = {}
+    for account in (a, b):
+        made = client.post("/api/projects", json={"name": "P"}, headers=account.headers).json
+        urls[account.email] = f"/api/projects/{made['id']}"
+        client.get(urls[account.email], headers=account.headers)
+        client.get(f"{urls[account.email]}/stats", headers=account.headers)
+    assert client.delete("/api/admin/cache", headers=a.headers).status_code == 202
+    assert client.get(urls[a.email], headers=a.headers).headers["X-Cache"] == "MISS"
+    assert client.get(f"{urls[a.email]}/stats", headers=a.headers).headers["X-Cache"] == "MISS"
+    assert client.get(urls[b.email], headers=b.headers).headers["X-Cache"] == "HIT-L2"
+    assert client.get(f"{urls[b.email]}/stats", headers=b.headers).headers["X-Cache"] == "HIT-L2"
+
+
+def test_only_an_admin_may_purge(client, admin):
+    email = f"m-{admin.email}"
+    client.post("/api/users", json={"email": email, "password": "correct horse battery",
+                                    "display_name": "M"}, headers=admin.headers)
+    token = client.post("/api/auth/login", json={"email": email,
+                                                 "password": "correct horse battery"}).json
+    answer = client.delete("/api/admin/cache",
+                           headers={"Authorization": f"Bearer {token['access_token']}"})
+    assert answer.status_code == 403
