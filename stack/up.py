@@ -34,7 +34,9 @@ from stack.redis_server import (
 )
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-VAR_DIR = PROJECT_ROOT / "var"
+# STACK_VAR_DIR gives a second stack (the benchmark's) its own metric files and beat schedule, so
+# that it neither wipes nor shares those of a `make up` running beside it.
+VAR_DIR = Path(os.environ.get("STACK_VAR_DIR") or PROJECT_ROOT / "var")
 PROMETHEUS_DIR = VAR_DIR / "prometheus-multiproc"
 BEAT_SCHEDULE = VAR_DIR / "celerybeat-schedule"
 GUNICORN_CONF = PROJECT_ROOT / "web" / "gunicorn_conf.py"
