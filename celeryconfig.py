@@ -56,12 +56,10 @@ broker_connection_timeout = 1
 
 # Separate queues, so a long warm-up never delays an invalidation or a recount.
 task_default_queue = "celery"
-task_queues = (
-    Queue("invalidate"),
-    Queue("recompute"),
-    Queue("warmup"),
-    Queue("celery"),
-)
+# Each queue with its own routing key: a Queue without one gets the default key "celery", and a
+# message to any of them would then be copied to all four.
+task_queues = tuple(Queue(name, routing_key=name)
+                    for name in ("invalidate", "recompute", "warmup", "celery"))
 task_routes = {
     "tasks.events.*": {"queue": "invalidate"},
     "tasks.outbox.*": {"queue": "invalidate"},
