@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import html
 
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response, current_app, request
 
 from web.endpoint import OPERATIONS, Operation
 from web.schemas import CacheHealth, Problem, Status
@@ -110,8 +110,11 @@ def openapi() -> Response:
     doc = current_app.extensions.setdefault("openapi", document())
     import orjson
 
-    return Response(orjson.dumps(doc), mimetype="application/json",
-                    headers={"Cache-Control": "public, max-age=60, s-maxage=120"})
+    response = Response(orjson.dumps(doc), mimetype="application/json",
+                        headers={"Cache-Control": "public, max-age=60, s-maxage=120"})
+    # A public, cacheable GET: an ETag, and 304 on a matching If-None-Match.
+    response.add_etag()
+    return response.make_conditional(request)
 
 
 @bp.get("/docs")
