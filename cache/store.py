@@ -132,6 +132,10 @@ class RedisCache:
         except redis.RedisError as exc:
             metrics.errors.labels(operation).inc()
             log.warning("redis %s failed: %s", operation, exc)
+            # An error reply means Redis answered: a half-open breaker must close, or it would
+            # refuse every later call (only its probe may pass, and the probe never succeeds).
+            if self.breaker.record_success():
+                self._pay_owed_purges()
             raise Unavailable(str(exc)) from exc
         finally:
             metrics.duration.labels(operation, "redis").observe(time.perf_counter() - started)
