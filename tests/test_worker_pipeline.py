@@ -199,7 +199,8 @@ def test_a_rolled_back_write_publishes_nothing(admin, client, services, worker):
     assert unprocessed(services, org_id) == 0
 
 
-def _promised_keys_are_cached(client, account, active: list[str], archived: list[str]) -> None:
+def _promised_keys_are_cached(client, account, active: list[str], archived: list[str],
+                              expected: dict | None = None) -> None:
     for url in ["/api/orgs/current", "/api/users", "/api/projects",
                 "/api/projects?status=ACTIVE"]:
         answer = client.get(url, headers=account.headers)
@@ -207,6 +208,8 @@ def _promised_keys_are_cached(client, account, active: list[str], archived: list
     for project_id in active:
         answer = client.get(f"/api/projects/{project_id}", headers=account.headers)
         assert answer.headers["X-Cache"] == "HIT-L2", project_id
+        if expected:
+            assert answer.json == expected[project_id]
         assert read_stats(client, account, project_id).headers["X-Cache"] == "HIT-L2"
     for project_id in archived:  # not promised: not warmed
         answer = client.get(f"/api/projects/{project_id}", headers=account.headers)
@@ -220,12 +223,13 @@ def test_admin_warm_fills_the_organization_keys(client, admin, services, worker)
                         headers=admin.headers).status_code == 200
     wait_until(lambda: unprocessed(services, admin.organization["id"]) == 0, 10,
                what="setup events")
+    expected = {p: client.get(f"/api/projects/{p}", headers=admin.headers).json for p in active}
     assert client.delete("/api/admin/cache", headers=admin.headers).status_code == 202
 
     answer = client.post("/api/admin/cache/warm", headers=admin.headers)
     assert answer.status_code == 202 and answer.json["task_id"]
     wait_until(lambda: services.redis.get("warmup:last:admin"), 10, what="the warm-up")
-    _promised_keys_are_cached(client, admin, active, [archived])
+    _promised_keys_are_cached(client, admin, active, [archived], expected)
 
 
 def test_flask_warm_command_fills_the_organization_keys(app, client, admin):
