@@ -7,6 +7,7 @@ UV_VERSION := 0.13.8
 UV := .tools/bin/uv
 VENV_PYTHON := .venv/bin/python
 ARGS ?=
+BENCH_ARGS ?=
 PYTEST_ARGS ?=
 QUICK ?=
 
@@ -27,8 +28,9 @@ test: install
 	@echo "TEST_DATABASES=$${TEST_DATABASES:-(unset: the tests' default)}"
 	$(VENV_PYTHON) -m pytest $(PYTEST_ARGS)
 
+# Installs wrk (Debian's package) itself when missing; its own database and redis-server. BENCHMARKS.md.
 bench: install
-	$(VENV_PYTHON) -m bench $(if $(QUICK),--quick,)
+	$(VENV_PYTHON) -m bench $(if $(QUICK),--quick,) $(BENCH_ARGS)
 
 lock: $(UV)
 	$(UV) lock

@@ -1,0 +1,69 @@
+"""Load from a separate process: wrk, with the Lua scripts in bench/lua/."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+LUA_DIR = Path(__file__).resolve().parent / "lua"
+MARKER = "BENCH_JSON "
+
+
+@dataclass
+class Load:
+    """How hard wrk pushes: its threads and connections, and how long a measurement lasts."""
+
+    wrk: str
+    threads: int
+    connections: int
+    seconds: float
+
+
+@dataclass
+class Result:
+    requests: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    errors: int
+    counters: dict
+
+    def as_dict(self) -> dict:
+        return {"requests": self.requests, "seconds": round(self.seconds, 2),
+                "rps": round(self.rps, 1), "p50_ms": round(self.p50_ms, 3),
+                "p90_ms": round(self.p90_ms, 3), "p99_ms": round(self.p99_ms, 3),
+                "max_ms": round(self.max_ms, 3), "errors": self.errors,
+                **({"counters": self.counters} if self.counters else {})}
+
+
+class LoadFailed(RuntimeError):
+    pass
+
+
+def wrk(load: Load, url: str, script: str, *args: str, seconds: float | None = None,
+        connections: int | None = None, threads: int | None = None) -> Result:
+    duration = seconds or load.seconds
+    conns = connections or load.connections
+    thr = min(threads or load.threads, conns)
+    command = [load.wrk, "-t", str(thr), "-c", str(conns), "-d", f"{duration:g}s",
+               "--timeout", "30s", "-s", str(LUA_DIR / script), url, "--", *args]
+    proc = subprocess.run(command, capture_output=True, text=True,
+                          timeout=duration + 120, stdin=subprocess.DEVNULL)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER)), None)
+    if proc.returncode != 0 or line is None:
+        raise LoadFailed(f"wrk failed ({proc.returncode}): {proc.stderr[-1500:]}"
+                         f"{proc.stdout[-1500:]}")
+    data = json.loads(line[len(MARKER):])
+    seconds_run = data["duration_us"] / 1e6
+    lat = data["latency_us"]
+    errors = sum(data["errors"].values())
+    if proc.stderr.strip():
+        print(proc.stderr.strip()[-600:], flush=True)
+    return Result(data["requests"], seconds_run, data["requests"] / seconds_run,
+                  lat["p50"] / 1e3, lat["p90"] / 1e3, lat["p99"] / 1e3, lat["max"] / 1e3,
+                  errors, data.get("counters") or {})

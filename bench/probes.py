@@ -1,0 +1,352 @@
+"""Measurements made from Python beside the load: metrics deltas, stats freshness, a write burst,
+and what a cached entry costs in Redis."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import statistics
+import threading
+import time
+from collections import defaultdict
+from urllib.parse import urlsplit
+
+import orjson
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from aggregates import PROJECT_STATS
+from cache import codec
+
+
+class Client:
+    """One keep-alive HTTP connection (http.client: no dependency, little overhead)."""
+
+    def __init__(self, base: str, token: str | None = None, timeout: float = 30.0) -> None:
+        parts = urlsplit(base)
+        self.host, self.port = parts.hostname, parts.port
+        self.timeout = timeout
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+
+    def request(self, method: str, path: str, body: dict | None = None,
+                headers: dict | None = None) -> tuple[int, dict | str | None, dict]:
+        hdrs = {**self.headers, **(headers or {})}
+        data = None
+        if body is not None:
+            data = orjson.dumps(body)
+            hdrs["Content-Type"] = "application/json"
+        for attempt in (1, 2):
+            try:
+                self.conn.request(method, path, body=data, headers=hdrs)
+                resp = self.conn.getresponse()
+                raw = resp.read()
+                break
+            except (http.client.HTTPException, OSError):
+                self.conn.close()
+                self.conn = http.client.HTTPConnection(self.host, self.port,
+                                                       timeout=self.timeout)
+                if attempt == 2:
+                    raise
+        ctype = resp.getheader("Content-Type", "")
+        payload = orjson.loads(raw) if raw and "json" in ctype else raw.decode(errors="replace")
+        return resp.status, payload, dict(resp.getheaders())
+
+    def get(self, path: str) -> tuple[int, object, dict]:
+        return self.request("GET", path)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+# -- metrics --------------------------------------------------------------------------------------
+def scrape(base: str) -> dict[tuple, float]:
+    """Every sample of a Prometheus endpoint ({} when it does not answer)."""
+    client = Client(base, timeout=10)
+    try:
+        status, text, _ = client.get("/metrics")
+    except (OSError, http.client.HTTPException):
+        return {}
+    finally:
+        client.close()
+    if status != 200:
+        return {}
+    found: dict[tuple, float] = {}
+    for family in text_string_to_metric_families(text if isinstance(text, str) else ""):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def delta(before: dict, after: dict, name: str) -> dict[tuple, float]:
+    out = {}
+    for key, value in after.items():
+        if key[0] == name:
+            d = value - before.get(key, 0.0)
+            if d:
+                out[key[1]] = d
+    return out
+
+
+def hit_rates(before: dict, after: dict) -> dict:
+    """Hits and misses per layer and per entity type over the interval, from /metrics."""
+    hits, misses = delta(before, after, "cache_hits_total"), delta(before, after,
+                                                                    "cache_misses_total")
+    layers: dict[str, dict] = defaultdict(lambda: {"hits": 0, "misses": 0, "families": {}})
+    for source, kind in ((hits, "hits"), (misses, "misses")):
+        for labels, value in source.items():
+            lab = dict(labels)
+            layer = layers[lab.get("cache_layer", "?")]
+            layer[kind] += int(value)
+            fam = layer["families"].setdefault(lab.get("entity_type", "?"),
+                                               {"hits": 0, "misses": 0})
+            fam[kind] += int(value)
+    total_h = sum(v["hits"] for v in layers.values())
+    total_m = sum(v["misses"] for v in layers.values())
+
+    def rate(h: int, m: int) -> float | None:
+        return round(h / (h + m), 5) if h + m else None
+
+    result = {"overall": {"hits": total_h, "misses": total_m, "hit_rate": rate(total_h, total_m)}}
+    for name, layer in sorted(layers.items()):
+        result[name] = {"hits": layer["hits"], "misses": layer["misses"],
+                        "hit_rate": rate(layer["hits"], layer["misses"]),
+                        "families": {f: {**v, "hit_rate": rate(v["hits"], v["misses"])}
+                                     for f, v in sorted(layer["families"].items())}}
+    return result
+
+
+def summed(before: dict, after: dict, name: str, by: str | None = None) -> dict | float:
+    d = delta(before, after, name)
+    if by is None:
+        return sum(d.values())
+    out: dict[str, float] = defaultdict(float)
+    for labels, value in d.items():
+        out[dict(labels).get(by, "?")] += value
+    return dict(out)
+
+
+# -- freshness ------------------------------------------------------------------------------------
+class FreshnessProbe(threading.Thread):
+    """Flips one task of a project nobody else writes between TODO and COMPLETED and polls the
+    project's stats until the change shows. Latency from sending the write (an upper bound of
+    commit-to-visible: the commit happens after the send) and from its acknowledgement."""
+
+    def __init__(self, base: str, token: str, project_id: str, task_id: str, *,
+                 count: int, interval: float, timeout: float = 10.0) -> None:
+        super().__init__(name="freshness-probe", daemon=True)
+        self.base, self.token = base, token
+        self.project_id, self.task_id = project_id, task_id
+        self.count, self.interval, self.timeout = count, interval, timeout
+        self.from_send: list[float] = []
+        self.from_ack: list[float] = []
+        self.polls: list[int] = []
+        self.timeouts = 0
+        self.errors: list[str] = []
+        self.stop_flag = threading.Event()
+
+    def run(self) -> None:
+        client = Client(self.base, self.token)
+        try:
+            status, task, _ = client.get(f"/api/tasks/{self.task_id}")
+            if status != 200:
+                self.errors.append(f"GET task: {status}")
+                return
+            current = task["status"]
+            for _ in range(self.count):
+                if self.stop_flag.is_set():
+                    break
+                self._one(client, current)
+                current = "TODO" if current == "COMPLETED" else "COMPLETED"
+                time.sleep(self.interval)
+        except Exception as exc:  # reported, never fatal to the benchmark
+            self.errors.append(repr(exc))
+        finally:
+            client.close()
+
+    def _completed(self, client: Client) -> int:
+        status, stats, _ = client.get(f"/api/projects/{self.project_id}/stats")
+        if status != 200:
+            raise RuntimeError(f"stats: {status} {stats}")
+        return stats["completed_tasks"]
+
+    def _one(self, client: Client, current: str) -> None:
+        before = self._completed(client)
+        target = "TODO" if current == "COMPLETED" else "COMPLETED"
+        expected = before + (1 if target == "COMPLETED" else -1)
+        sent = time.perf_counter()
+        status, body, _ = client.request("PATCH", f"/api/tasks/{self.task_id}",
+                                         {"status": target})
+        acked = time.perf_counter()
+        if status != 200:
+            self.errors.append(f"PATCH: {status} {body}")
+            return
+        polls = 0
+        while True:
+            polls += 1
+            seen = self._completed(client)
+            now = time.perf_counter()
+            if seen == expected:
+                self.from_send.append(now - sent)
+                self.from_ack.append(now - acked)
+                self.polls.append(polls)
+                return
+            if now - sent > self.timeout:
+                self.timeouts += 1
+                return
+            time.sleep(0.002)
+
+    def report(self) -> dict:
+        def pct(values: list[float], q: float) -> float | None:
+            if not values:
+                return None
+            ordered = sorted(values)
+            return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
+
+        return {"samples": len(self.from_send), "timeouts": self.timeouts,
+                "p50_ms": pct(self.from_send, 0.50), "p99_ms": pct(self.from_send, 0.99),
+                "max_ms": pct(self.from_send, 1.0),
+                "from_ack_p50_ms": pct(self.from_ack, 0.50),
+                "from_ack_p99_ms": pct(self.from_ack, 0.99),
+                "first_poll_share": round(sum(1 for p in self.polls if p == 1)
+                                          / len(self.polls), 3) if self.polls else None,
+                "errors": self.errors[:5]}
+
+
+# -- a burst of writes ----------------------------------------------------------------------------
+def write_burst(base: str, token: str, task_ids: list[str], writes: int,
+                connections: int = 4) -> dict:
+    """`writes` status changes spread over `task_ids`, sent as fast as `connections` allow."""
+    statuses = ["TODO", "IN_PROGRESS", "BLOCKED", "COMPLETED"]
+    lock = threading.Lock()
+    counter = {"next": 0, "ok": 0, "failed": 0}
+
+    def worker() -> None:
+        client = Client(base, token)
+        try:
+            while True:
+                with lock:
+                    n = counter["next"]
+                    if n >= writes:
+                        return
+                    counter["next"] += 1
+                task = task_ids[n % len(task_ids)]
+                status, _, _ = client.request("PATCH", f"/api/tasks/{task}",
+                                              {"status": statuses[(n // len(task_ids)) % 4]})
+                with lock:
+                    counter["ok" if status == 200 else "failed"] += 1
+        finally:
+            client.close()
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - started
+    return {"writes": writes, "ok": counter["ok"], "failed": counter["failed"],
+            "seconds": round(seconds, 2), "writes_per_s": round(writes / seconds, 1)}
+
+
+def sweep(base: str, lines: list[tuple[str, str]], connections: int = 8) -> dict:
+    """GET every (token, path) once: the warm-up before the mixed workload."""
+    lock = threading.Lock()
+    state = {"next": 0, "failed": 0}
+
+    def worker() -> None:
+        clients: dict[str, Client] = {}
+        try:
+            while True:
+                with lock:
+                    n = state["next"]
+                    if n >= len(lines):
+                        return
+                    state["next"] += 1
+                token, path = lines[n]
+                client = clients.get(token) or clients.setdefault(token, Client(base, token))
+                status, _, _ = client.get(path)
+                if status != 200:
+                    with lock:
+                        state["failed"] += 1
+        finally:
+            for c in clients.values():
+                c.close()
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"requests": len(lines), "failed": state["failed"],
+            "seconds": round(time.perf_counter() - started, 2)}
+
+
+# -- flower -----------------------------------------------------------------------------------------
+def flower_recomputes(port: int, auth: str, since: float) -> int | None:
+    """Recompute tasks Flower saw received since `since` (None when Flower does not answer)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/api/tasks?limit=100000", headers={
+            "Authorization": "Basic " + base64.b64encode(auth.encode()).decode()})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            return None
+        tasks = json.loads(resp.read())
+    except (OSError, http.client.HTTPException, ValueError):
+        return None
+    finally:
+        conn.close()
+    return sum(1 for t in tasks.values()
+               if any(w in (t.get("name") or "") for w in ("recompute", "recount"))
+               and (t.get("received") or 0) >= since)
+
+
+# -- memory per cached entry ------------------------------------------------------------------------
+def memory_per_entry(client: redis.Redis, per_family: int = 40) -> dict:
+    """MEMORY USAGE of sample keys against the size of the JSON they hold, per key family."""
+    samples: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
+    versions: list[int] = []
+    for name in client.scan_iter(count=1000):
+        key = name.decode()
+        if key.startswith("v:"):
+            if len(versions) < per_family:
+                versions.append(client.memory_usage(name, samples=0) or 0)
+            continue
+        if not key.startswith("t:") or "@" not in key:
+            continue
+        parts = key.split(":")
+        family = "project_stats" if parts[2] == "stats" else parts[2]
+        if parts[2] == "stats":
+            family = f"{parts[3]}_stats"
+        if len(samples.get(family, ())) >= per_family:
+            continue
+        kind = client.type(name).decode()
+        if kind == "string":
+            blob = client.get(name)
+            if blob is None:
+                continue
+            json_len, stored = len(orjson.dumps(codec.decode(blob))), len(blob)
+        elif kind == "hash" and family == "project_stats":
+            raw = {k.decode(): v for k, v in client.hgetall(name).items()}
+            counts = {f: int(raw.get(f, 0)) for f in PROJECT_STATS.fields}
+            presented = PROJECT_STATS.present(parts[4].split("@")[0], counts)
+            json_len = len(orjson.dumps(presented))
+            stored = sum(len(k) + len(v) for k, v in raw.items())
+        else:
+            continue
+        usage = client.memory_usage(name, samples=0) or 0
+        samples[family].append((usage, json_len, stored))
+    out = {}
+    for family, rows in sorted(samples.items()):
+        mem = statistics.mean(r[0] for r in rows)
+        js = statistics.mean(r[1] for r in rows)
+        out[family] = {"keys_sampled": len(rows), "redis_bytes": round(mem),
+                       "json_bytes": round(js), "stored_bytes": round(statistics.mean(
+                           r[2] for r in rows)), "ratio": round(mem / js, 2) if js else None}
+    if versions:
+        out["_version_key"] = {"keys_sampled": len(versions),
+                               "redis_bytes": round(statistics.mean(versions))}
+    return out

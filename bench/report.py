@@ -1,0 +1,212 @@
+"""Ratios against the baselines of the same run, checked against the issue's targets, and the
+Markdown table kept in BENCHMARKS.md (one block per mode, the rest of the file left alone)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+TARGETS = {
+    "stats_vs_health_rps": (">=", 0.9),
+    "big_stats_cached_vs_uncached_rps": (">=", 1000.0),
+    "mixed_hit_rate": (">=", 0.99),
+    "freshness_p99_ms": ("<", 1000.0),
+}
+
+PREAMBLE = """# Benchmarks
+
+`make bench` (full: about 700,000 tasks) or `make bench QUICK=1` (`python -m bench --quick`, under
+two minutes on 2 cores). The benchmark installs wrk when it is missing (Debian's package, as root),
+creates its own MariaDB database (`taskcache_bench_<run>`, dropped at the end unless `--keep`) and its
+own redis-server on a free port, bulk-seeds it, and starts the stack as `make up` does
+(`python -m stack.up`, pointed at them through the environment) twice: with the cache, then with
+`CACHE_ENABLED=0`. wrk (a separate process, scripts in `bench/lua/`) drives the load. Every number
+is a ratio to a baseline measured in the same run on the same machine, because the 2 cores are
+shared and absolute numbers are noisy. The full results of the last run are in
+`bench/results/latest.json` (not committed); the tables below are the committed copy.
+
+Ratios: throughput as cached / baseline (higher is better); latency as baseline / cached for
+"vs uncached" rows (how many times faster) and cached / `/health` for "vs /health" rows (how many
+times slower than the stack's ceiling).
+"""
+
+
+def _get(d: dict, *path, default=None):
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return default
+        d = d[p]
+    return d
+
+
+def _div(a, b):
+    if a is None or b in (None, 0):
+        return None
+    return a / b
+
+
+def ratios(r: dict) -> dict:
+    c, u = r.get("cached", {}), r.get("uncached", {})
+    health_rps = _mean(_get(c, "health", "rps"), _get(c, "health_after", "rps"))
+    health_p50 = _mean(_get(c, "health", "p50_ms"), _get(c, "health_after", "p50_ms"))
+    health_p99 = _mean(_get(c, "health", "p99_ms"), _get(c, "health_after", "p99_ms"))
+    out = {
+        "stats_vs_health_rps": _div(_get(c, "stats_small", "rps"), health_rps),
+        "stats_vs_health_p50": _div(_get(c, "stats_small", "p50_ms"), health_p50),
+        "stats_vs_health_p99": _div(_get(c, "stats_small", "p99_ms"), health_p99),
+        "big_stats_vs_health_rps": _div(_get(c, "stats_big", "rps"), health_rps),
+        "mixed_vs_health_rps": _div(_get(c, "mixed", "load", "rps"), health_rps),
+        "mixed_vs_health_p99": _div(_get(c, "mixed", "load", "p99_ms"), health_p99),
+        "mixed_hit_rate": _get(c, "mixed", "hit_rates", "overall", "hit_rate"),
+        "freshness_p50_ms": _get(c, "mixed", "freshness", "p50_ms"),
+        "freshness_p99_ms": _get(c, "mixed", "freshness", "p99_ms"),
+        "recomputes_per_1000_writes": _get(c, "burst", "recomputes_per_1000"),
+    }
+    for name in ("stats_small", "stats_big", "task", "list"):
+        prefix = {"stats_small": "small_stats", "stats_big": "big_stats"}.get(name, name)
+        out[f"{prefix}_cached_vs_uncached_rps"] = _div(_get(c, name, "rps"), _get(u, name, "rps"))
+        out[f"{prefix}_cached_vs_uncached_p50"] = _div(_get(u, name, "p50_ms"),
+                                                       _get(c, name, "p50_ms"))
+        out[f"{prefix}_cached_vs_uncached_p99"] = _div(_get(u, name, "p99_ms"),
+                                                       _get(c, name, "p99_ms"))
+    out = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
+    out["targets"] = {}
+    for name, (op, bound) in TARGETS.items():
+        value = out.get(name)
+        met = None if value is None else (value >= bound if op == ">=" else value < bound)
+        out["targets"][name] = {"value": value, "target": f"{op} {bound:g}", "met": met}
+    return out
+
+
+def _mean(*values):
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _x(v, digits=2) -> str:
+    if v is None:
+        return "n/a"
+    if v >= 100:
+        return f"{v:,.0f}x"
+    return f"{v:.{digits}f}x"
+
+
+def _rps(v) -> str:
+    return "n/a" if v is None else f"{v:,.0f} req/s"
+
+
+def _ms(v) -> str:
+    return "n/a" if v is None else (f"{v:.2f} ms" if v < 100 else f"{v:,.0f} ms")
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}%"
+
+
+def _met(r: dict, name: str) -> str:
+    t = r["ratios"]["targets"].get(name)
+    if not t or t["met"] is None:
+        return f"{t['target'] if t else ''} (n/a)"
+    return f"{t['target']} {'met' if t['met'] else 'MISSED'}"
+
+
+def markdown(r: dict) -> str:
+    c, u, q = r.get("cached", {}), r.get("uncached", {}), r["ratios"]
+    m, d = r.get("machine", {}), r.get("dataset", {})
+    lines = [
+        f"## {r['mode'].capitalize()} mode: run {r['run_id']} ({r['started_at']}, "
+        f"{r.get('duration_seconds', 0):.0f} s)",
+        "",
+        f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('ram_gib')} GiB RAM, kernel "
+        f"{m.get('kernel')}; Python {m.get('python')}, Redis {m.get('redis')}, MariaDB "
+        f"{m.get('mariadb')}, {m.get('wrk')}.",
+        "",
+        f"Dataset: {d.get('orgs')} organizations, {d.get('rows', {}).get('users', 0):,} users, "
+        f"{d.get('projects'):,} projects of {d.get('tasks_per_project'):,} tasks plus one of "
+        f"{d.get('big_project_tasks'):,} tasks and {d.get('big_project_comments'):,} comments; "
+        f"{d.get('rows', {}).get('tasks', 0):,} tasks and "
+        f"{d.get('rows', {}).get('comments', 0):,} comments in all, seeded in "
+        f"{d.get('seed_seconds')} s. Load: wrk, {r['load']['threads']} thread, "
+        f"{r['load']['connections']} connections, {r['load']['seconds_per_measurement']:g} s "
+        f"per measurement. Worker pipeline: {'running' if c.get('workers') else 'not running'}.",
+        "",
+        "| Measurement | Cached | Baseline | Ratio | Target |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    health = c.get("health", {})
+    s, b = c.get("stats_small", {}), c.get("stats_big", {})
+    lines += [
+        f"| Warm project stats vs `/health`: throughput | {_rps(s.get('rps'))} | "
+        f"{_rps(health.get('rps'))} | {_x(q['stats_vs_health_rps'])} | "
+        f"{_met(r, 'stats_vs_health_rps')} |",
+        f"| Warm project stats vs `/health`: p50 | {_ms(s.get('p50_ms'))} | "
+        f"{_ms(health.get('p50_ms'))} | {_x(q['stats_vs_health_p50'])} slower | |",
+        f"| Warm project stats vs `/health`: p99 | {_ms(s.get('p99_ms'))} | "
+        f"{_ms(health.get('p99_ms'))} | {_x(q['stats_vs_health_p99'])} slower | |",
+    ]
+    rows = (("stats_small", "small_stats", f"Stats, {d.get('tasks_per_project'):,}-task project"),
+            ("stats_big", "big_stats", f"Stats, {d.get('big_project_tasks'):,}-task project"),
+            ("task", "task", "Task GET (entity)"), ("list", "list", "Task list, 20 per page"))
+    for name, prefix, label in rows:
+        cur, base = c.get(name, {}), u.get(name, {})
+        target = _met(r, "big_stats_cached_vs_uncached_rps") if name == "stats_big" else ""
+        lines += [
+            f"| {label}: cached vs uncached throughput | {_rps(cur.get('rps'))} | "
+            f"{_rps(base.get('rps'))} | {_x(q[f'{prefix}_cached_vs_uncached_rps'])} | {target} |",
+            f"| {label}: p50 / p99 | {_ms(cur.get('p50_ms'))} / {_ms(cur.get('p99_ms'))} | "
+            f"{_ms(base.get('p50_ms'))} / {_ms(base.get('p99_ms'))} | "
+            f"{_x(q[f'{prefix}_cached_vs_uncached_p50'])} / "
+            f"{_x(q[f'{prefix}_cached_vs_uncached_p99'])} faster | |",
+        ]
+    mx = c.get("mixed", {})
+    load, rates, fresh = mx.get("load", {}), mx.get("hit_rates", {}), mx.get("freshness", {})
+    layer_rates = ", ".join(f"{name} {_pct(v.get('hit_rate'))}" for name, v in rates.items()
+                            if name != "overall")
+    lines += [
+        f"| Mixed (Zipf s={mx.get('zipf_s')}, {100 * (mx.get('write_share') or 0):g}% writes): "
+        f"throughput vs `/health` | {_rps(load.get('rps'))} | {_rps(health.get('rps'))} | "
+        f"{_x(q['mixed_vs_health_rps'])} | |",
+        f"| Mixed: p50 / p99 (p99 vs `/health`) | {_ms(load.get('p50_ms'))} / "
+        f"{_ms(load.get('p99_ms'))} | {_ms(health.get('p50_ms'))} / "
+        f"{_ms(health.get('p99_ms'))} | {_x(q['mixed_vs_health_p99'])} slower | |",
+        f"| Mixed: hit rate, all layers ({layer_rates}) | "
+        f"{_pct(q['mixed_hit_rate'])} | | | {_met(r, 'mixed_hit_rate')} |",
+        f"| Stats freshness, write sent to visible: p50 / p99 ({fresh.get('samples')} probes "
+        f"under the mixed load) | {_ms(fresh.get('p50_ms'))} / {_ms(fresh.get('p99_ms'))} | | | "
+        f"{_met(r, 'freshness_p99_ms')} |",
+    ]
+    burst = c.get("burst", {})
+    rec = q.get("recomputes_per_1000_writes")
+    rec_text = (f"{rec:g}" if rec is not None else
+                f"n/a (no worker; web recounts {sum((burst.get('web_recomputes') or {}).values()):g})")
+    if rec is not None and burst.get("writes") != 1000:
+        rec_text = f"{rec:g} ({burst.get('recomputes'):g} for {burst.get('writes')} writes)"
+    lines.append(f"| Full recomputes per 1,000-write burst on one project ("
+                 f"{burst.get('writes_per_s')} writes/s; stats exact afterwards: "
+                 f"{burst.get('stats_exact_after')}) | {rec_text} | | | |")
+    for family, mem in (c.get("memory") or {}).items():
+        if family.startswith("_"):
+            continue
+        lines.append(f"| Redis memory per `{family}` entry vs its JSON | "
+                     f"{mem['redis_bytes']:,} B | {mem['json_bytes']:,} B JSON | "
+                     f"{_x(mem['ratio'])} | |")
+    ver = (c.get("memory") or {}).get("_version_key")
+    if ver:
+        lines.append(f"| Redis memory per version key (each entry names 2-3) | "
+                     f"{ver['redis_bytes']:,} B | | | |")
+    if r.get("notes"):
+        lines += ["", "Notes: " + "; ".join(r["notes"]) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def update_benchmarks_md(path: Path, r: dict, table: str) -> None:
+    """Replace this mode's block, keep everything else (the other mode, the profile notes)."""
+    start, end = f"<!-- bench:{r['mode']} -->", f"<!-- /bench:{r['mode']} -->"
+    block = f"{start}\n{table}{end}"
+    text = path.read_text() if path.exists() else PREAMBLE
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
