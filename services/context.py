@@ -63,4 +63,7 @@ def build_services(settings: Settings, *, subscribe_l1: bool = True) -> Services
         # Pub/sub blocks on reads: its connection must not share the request timeout.
         listener = redis_client(settings, socket_timeout=None)
         services.l1_subscriber = L1Subscriber(listener, l1).start()
+        # Subscribing clears the L1 (what was published before is unknown): let that happen
+        # before the first request fills it, or the first values are dropped again at once.
+        services.l1_subscriber.ready.wait(timeout=1.0)
     return services
