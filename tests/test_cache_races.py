@@ -15,7 +15,7 @@ from aggregates import PROJECT_STATS, Delta
 from cache import keys
 from cache.l1 import L1Cache, read_through_l1
 from services.projects import _load_project
-from services.settings_store import get_config, set_config
+from services.settings_store import DEFAULTS, get_config, set_config
 from tests.cache_helpers import count_sql
 
 
@@ -260,6 +260,7 @@ def test_a_config_change_in_one_instance_reaches_the_l1_of_another_within_a_boun
         answer = other.get("/api/public/feature-flags")
         assert answer.headers["X-Cache"] == "HIT-L1"
     finally:
+        set_config(services, "feature_flags", DEFAULTS["feature_flags"])
         other_services.close()
 
 
@@ -291,6 +292,9 @@ def test_the_l1_is_bounded_and_expires_on_the_monotonic_clock():
 def test_config_reads_see_the_database_default_then_the_stored_value(services):
     assert services.l1_subscriber.ready.wait(5)
     assert get_config(services, "rate_limits")[0]["max_page_size"] == 200
-    set_config(services, "rate_limits", {"max_page_size": 100})
-    assert get_config(services, "rate_limits") == ({"max_page_size": 100}, "MISS")
-    assert get_config(services, "rate_limits") == ({"max_page_size": 100}, "HIT-L1")
+    try:
+        set_config(services, "rate_limits", {"max_page_size": 100})
+        assert get_config(services, "rate_limits") == ({"max_page_size": 100}, "MISS")
+        assert get_config(services, "rate_limits") == ({"max_page_size": 100}, "HIT-L1")
+    finally:  # the database outlives this test
+        set_config(services, "rate_limits", DEFAULTS["rate_limits"])
