@@ -21,22 +21,34 @@ from worker.publish import PROCESS_EVENT
 log = logging.getLogger(__name__)
 
 BATCH = 1000
+MAX_PAGES = 10
 # A re-sent event is not re-sent again for this long (a backlog is not a loss).
 RESEND_QUIET = 30
 # Processed events are kept a day for inspection, then pruned.
 KEEP_PROCESSED = dt.timedelta(days=1)
 PRUNE_BATCH = 1000
+MAX_PAGES = 10
 
 
 @shared_task(base=TaskBase, bind=True, name="tasks.outbox.sweep")
 def sweep(self, older_than: float = 10.0) -> dict:
     services = self.services
     cutoff = utcnow() - dt.timedelta(seconds=older_than)
-    with services.db.session() as db:
-        ids = list(db.scalars(select(OutboxEvent.id).where(
-            OutboxEvent.processed_at.is_(None), OutboxEvent.created_at < cutoff)
-            .order_by(OutboxEvent.id).limit(BATCH)))
-    due = _not_recently_resent(services, ids)
+    due, seen, after = [], 0, 0
+    # Page past events re-sent recently (still queued behind a backlog): the oldest page alone
+    # would otherwise hold the sweep up until their quiet period ends.
+    for _ in range(MAX_PAGES):
+        with services.db.session() as db:
+            ids = list(db.scalars(select(OutboxEvent.id).where(
+                OutboxEvent.processed_at.is_(None), OutboxEvent.created_at < cutoff,
+                OutboxEvent.id > after).order_by(OutboxEvent.id).limit(BATCH)))
+        if not ids:
+            break
+        seen += len(ids)
+        due += _not_recently_resent(services, ids)
+        after = ids[-1]
+        if len(due) >= BATCH:
+            break
     sent = 0
     for outbox_id in due:
         # Straight to the broker: a sweep that cannot reach it fails, and beat runs another.
@@ -48,7 +60,7 @@ def sweep(self, older_than: float = 10.0) -> dict:
         metrics.outbox_resent.inc(sent)
         log.warning("outbox sweep re-sent %d events (oldest id %d)", sent, due[0])
     pruned = _prune(self)
-    return {"unprocessed": len(ids), "resent": sent, "pruned": pruned}
+    return {"unprocessed_seen": seen, "resent": sent, "pruned": pruned}
 
 
 def _not_recently_resent(services, ids: list[int]) -> list[int]:
