@@ -254,12 +254,17 @@ class AggregateStore:
     def _args(self, agg: Aggregate, org_id: str, owner_id: str) -> tuple[list, list]:
         return [org_generation(org_id)], [agg.name(org_id, owner_id), _token(), VERSION_TTL]
 
-    def read(self, agg: Aggregate, org_id: str, owner_id: str) -> Snapshot | None:
-        """The cached statistics, or None on a miss. Raises Unavailable when Redis is."""
+    def read(self, agg: Aggregate, org_id: str, owner_id: str,
+             also: Callable[[redis.client.Pipeline], None] | None = None) -> Snapshot | None:
+        """The cached statistics, or None on a miss. Raises Unavailable when Redis is.
+        `also(pipe)` queues more commands for the same round trip (their replies are dropped)."""
         if not self.cache.enabled:
             return None
         keys, args = self._args(agg, org_id, owner_id)
-        flat, ttl = self.cache.call("get", lambda: self._read(keys=keys, args=[*args, 0]))
+        if also is None:
+            flat, ttl = self.cache.call("get", lambda: self._read(keys=keys, args=[*args, 0]))
+        else:
+            flat, ttl = self.cache.call("get", lambda: self._read_with(keys, [*args, 0], also))
         if flat and b"seq" in flat[::2] and flat[flat.index(b"seq") + 1] == b"-1":
             flat = []  # reserved by a recount in progress: a miss
         if not flat:
@@ -273,6 +278,21 @@ class AggregateStore:
         known = int(raw.get("known", 0))
         return Snapshot(agg.present(owner_id, counts), seq, float(raw.get("computed_at", 0)),
                         stale=known > seq, ttl=int(ttl))
+
+    def _read_with(self, keys: list, args: list,
+                   also: Callable[[redis.client.Pipeline], None]) -> list:
+        # EVALSHA in a plain pipeline (a Script called on a pipeline costs a SCRIPT EXISTS round
+        # trip); a restarted Redis has lost the script: load it and go again.
+        for attempt in (1, 2):
+            pipe = self.cache.client.pipeline(transaction=False)
+            pipe.evalsha(self._read.sha, len(keys), *keys, *args)
+            also(pipe)
+            try:
+                return pipe.execute()[0]
+            except redis.exceptions.NoScriptError:
+                if attempt == 2:
+                    raise
+                self.cache.client.script_load(_READ)
 
     def apply(self, delta: Delta, source: str) -> str:
         agg = AGGREGATES[delta.kind]

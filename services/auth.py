@@ -6,12 +6,15 @@ import datetime as dt
 import hashlib
 import logging
 import re
+import threading
 import time
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import jwt
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
+from cachetools import LRUCache
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
@@ -168,9 +171,23 @@ def end_session(services: Services, actor: Actor, *, replace: bool) -> dict | No
         return issue_token(services, new) if new else None
 
 
+# Verified tokens, per process: verifying a signature costs more than a warm cached read
+# (bench/, BENCHMARKS.md). Keyed by the whole signed token and the key that verified it; expiry is
+# still checked on every use, and revocation is the session lookup's business, not this cache's.
+_verified: LRUCache = LRUCache(maxsize=4096)
+_verified_lock = threading.Lock()
+
+
 def _decode(services: Services, token: str) -> dict:
+    secret = services.settings.secret_key
+    with _verified_lock:
+        claims = _verified.get((token, secret))
+    if claims is not None:
+        if claims["exp"] <= time.time():
+            raise Unauthorized("token has expired")
+        return claims
     try:
-        claims = jwt.decode(token, services.settings.secret_key, algorithms=[ALGORITHM],
+        claims = jwt.decode(token, secret, algorithms=[ALGORITHM],
                             options={"require": ["exp", "sub", "sid", "org"]})
     except jwt.ExpiredSignatureError:
         raise Unauthorized("token has expired") from None
@@ -178,6 +195,9 @@ def _decode(services: Services, token: str) -> dict:
         raise Unauthorized("token is invalid") from None
     if not all(isinstance(claims[c], str) for c in ("sub", "sid", "org")):
         raise Unauthorized("token is invalid")
+    if isinstance(claims["exp"], (int, float)):
+        with _verified_lock:
+            _verified[(token, secret)] = claims
     return claims
 
 
@@ -196,10 +216,16 @@ def _load_session(session_id: str, user_id: str):
     return load
 
 
-def authenticate(services: Services, token: str, *also: keys.Key) -> tuple[Actor, list[Lookup]]:
-    """The actor of a bearer token, with the lookups of `also` made in the same round trip."""
+def authenticate(services: Services, token: str, *also: keys.Key,
+                 prefetch: Callable[[str], Sequence[keys.Key]] | None = None,
+                 ) -> tuple[Actor, list[Lookup]]:
+    """The actor of a bearer token, with the lookups of `also` (and of `prefetch(org_id)`, keys
+    that need the token's organization) made in the same round trip. Their values are only for
+    the caller to use once this returned, i.e. once the session is known valid."""
     claims = _decode(services, token)
     org_id, user_id, session_id = claims["org"], claims["sub"], claims["sid"]
+    if prefetch is not None:
+        also = (*also, *prefetch(org_id))
     session_key = keys.session(org_id, user_id, session_id)
     lookups = services.cache.lookup_many([session_key, *also])
     data, _ = cached(services, session_key, _load_session(session_id, user_id), lookups[0])

@@ -52,10 +52,11 @@ def _from_snapshot(services: Services, agg: Aggregate, actor: Actor, owner_id: s
     return _respond(snap.stats, snap.computed_at, False), HIT_L2
 
 
-def read_stats(services: Services, agg: Aggregate, actor: Actor, owner_id: str) -> tuple[dict, str]:
+def read_stats(services: Services, agg: Aggregate, actor: Actor, owner_id: str,
+               also=None) -> tuple[dict, str]:
     store = services.aggregates
     try:
-        snap = store.read(agg, actor.org_id, owner_id)
+        snap = store.read(agg, actor.org_id, owner_id, also)
     except Unavailable:
         return _compute(services, agg, actor, owner_id), BYPASS
     if snap is not None:
@@ -104,10 +105,13 @@ def _single_flight(services: Services, agg: Aggregate, actor: Actor,
     return _compute(services, agg, actor, owner_id), MISS
 
 
-def project_stats(services: Services, actor: Actor, project_id: str) -> tuple[dict, str]:
-    get_project(services, actor, project_id)
-    _count_read(services, actor.org_id, project_id)
-    return read_stats(services, PROJECT_STATS, actor, project_id)
+def project_stats(services: Services, actor: Actor, project_id: str,
+                  lookup=None) -> tuple[dict, str]:
+    """Two round trips when warm: the session with the project (`lookup`, prefetched by the
+    view), then the stats hash with the read tally."""
+    get_project(services, actor, project_id, lookup)
+    return read_stats(services, PROJECT_STATS, actor, project_id,
+                      also=_count_read(actor.org_id, project_id))
 
 
 # Reads of project stats per hour, the warm-ups' measure of "busiest" (tasks/warmup.py).
@@ -118,20 +122,14 @@ def hot_projects_key(hours_ago: int = 0) -> str:
     return f"hot:projects:{int(time.time() // 3600) - hours_ago}"
 
 
-def _count_read(services: Services, org_id: str, project_id: str) -> None:
-    if not services.cache.enabled:
-        return
+def _count_read(org_id: str, project_id: str):
+    """The read tally, queued on the stats read's pipeline (no round trip of its own)."""
     key = hot_projects_key()
 
-    def run() -> None:
-        pipe = services.redis.pipeline(transaction=False)
+    def queue(pipe) -> None:
         pipe.zincrby(key, 1, f"{org_id}:{project_id}")
         pipe.expire(key, HOT_PROJECTS_TTL)
-        pipe.execute()
-    try:
-        services.cache.call("hot", run)
-    except Unavailable:
-        pass
+    return queue
 
 
 def user_stats(services: Services, actor: Actor, user_id: str) -> tuple[dict, str]:

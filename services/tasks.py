@@ -29,9 +29,9 @@ def _load_task(org_id: str, task_id: str):
     return load
 
 
-def get_task(services: Services, actor: Actor, task_id: str) -> tuple[dict, str]:
+def get_task(services: Services, actor: Actor, task_id: str, lookup=None) -> tuple[dict, str]:
     found, source = cached(services, keys.task(actor.org_id, task_id),
-                           _load_task(actor.org_id, task_id))
+                           _load_task(actor.org_id, task_id), lookup)
     if found is None:
         raise NotFound("no such task")
     return found, source

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint
 
+from cache import keys
 from services import notifications, projects, tasks
 from services.stats import project_stats
 from web import schemas as s
@@ -25,10 +26,18 @@ def create_project(services, actor, body: s.ProjectCreate):
     return projects.create_project(services, actor, **body.model_dump())
 
 
+def _project_key(org_id: str, path: dict) -> list:
+    return [keys.project(org_id, path["project_id"])]
+
+
+def _task_key(org_id: str, path: dict) -> list:
+    return [keys.task(org_id, path["task_id"])]
+
+
 @endpoint(bp, "GET", "/api/projects/<uuid:project_id>", summary="A project", response=s.Project,
-          errors=(404,))
-def get_project(services, actor, project_id: str):
-    return projects.get_project(services, actor, project_id)
+          errors=(404,), prefetch=_project_key)
+def get_project(services, actor, project_id: str, lookups):
+    return projects.get_project(services, actor, project_id, lookups[0])
 
 
 @endpoint(bp, "PATCH", "/api/projects/<uuid:project_id>", summary="Edit a project",
@@ -45,9 +54,9 @@ def delete_project(services, actor, project_id: str):
 
 
 @endpoint(bp, "GET", "/api/projects/<uuid:project_id>/stats", summary="Project statistics",
-          response=s.ProjectStats, errors=(404,))
-def get_project_stats(services, actor, project_id: str):
-    return project_stats(services, actor, project_id)
+          response=s.ProjectStats, errors=(404,), prefetch=_project_key)
+def get_project_stats(services, actor, project_id: str, lookups):
+    return project_stats(services, actor, project_id, lookups[0])
 
 
 @endpoint(bp, "GET", "/api/projects/<uuid:project_id>/tasks", summary="Tasks of a project",
@@ -65,9 +74,9 @@ def create_task(services, actor, project_id: str, body: s.TaskCreate):
 
 
 @endpoint(bp, "GET", "/api/tasks/<uuid:task_id>", summary="A task", response=s.Task,
-          errors=(404,))
-def get_task(services, actor, task_id: str):
-    return tasks.get_task(services, actor, task_id)
+          errors=(404,), prefetch=_task_key)
+def get_task(services, actor, task_id: str, lookups):
+    return tasks.get_task(services, actor, task_id, lookups[0])
 
 
 @endpoint(bp, "PATCH", "/api/tasks/<uuid:task_id>", summary="Edit a task", body=s.TaskPatch,
