@@ -84,6 +84,14 @@ def create_user(services: Services, actor: Actor, *, email: str, password: str,
         return present.user(user)
 
 
+def _keep_an_admin(uow: UnitOfWork, org_id: str) -> None:
+    """An organization always keeps an admin: nobody could manage it (or its cache) otherwise."""
+    admins = [u for u in uow.session.scalars(
+        select(User).where(User.organization_id == org_id).with_for_update()) if "admin" in u.roles]
+    if len(admins) <= 1:
+        raise Conflict("the organization's last admin cannot give up the admin role")
+
+
 def update_user(services: Services, actor: Actor, user_id: str, changes: dict) -> dict:
     with UnitOfWork(services) as uow:
         user = uow.session.get(User, user_id, with_for_update=True)
@@ -92,6 +100,8 @@ def update_user(services: Services, actor: Actor, user_id: str, changes: dict) -
             raise NotFound("no such user")
         if user_id != actor.user_id or "roles" in changes:
             require_admin(actor)
+        if "admin" in user.roles and "admin" not in changes.get("roles", ["admin"]):
+            _keep_an_admin(uow, actor.org_id)
         for field, value in changes.items():
             setattr(user, field, sorted(set(value)) if field == "roles" else value)
         uow.emit(USER_UPDATED, actor.org_id, user_id=user.id)

@@ -180,3 +180,20 @@ def test_user_stats_count_assigned_completed_and_open_tasks(client, admin):
     assert (body["assigned_tasks"], body["completed_tasks"], body["open_tasks"]) == (4, 1, 2)
     assert body["computed_at"].endswith("Z") and isinstance(body["stale"], bool)
     assert stats.headers["X-Cache"] in {"HIT-L1", "HIT-L2", "MISS", "STALE", "BYPASS"}
+
+
+def test_the_last_admin_cannot_drop_the_admin_role_but_one_of_two_can(client, admin):
+    alone = client.patch(f"/api/users/{admin.user['id']}", json={"roles": ["member"]},
+                         headers=admin.headers)
+    assert alone.status_code == 409
+    assert alone.mimetype == "application/problem+json"
+    assert client.get("/api/me", headers=admin.headers).json["roles"] == ["admin"]
+
+    second = client.post("/api/users", headers=admin.headers, json={
+        "email": new_email(), "password": PASSWORD,
+        "display_name": "Second", "roles": ["admin"]})
+    assert second.status_code == 201
+    stepped_down = client.patch(f"/api/users/{admin.user['id']}", json={"roles": ["member"]},
+                                headers=admin.headers)
+    assert stepped_down.status_code == 200
+    assert stepped_down.json["roles"] == ["member"]
