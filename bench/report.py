@@ -172,9 +172,16 @@ def markdown(r: dict) -> str:
         f"| Mixed: hit rate, all layers ({layer_rates}) | "
         f"{_pct(q['mixed_hit_rate'])} | | | {_met(r, 'mixed_hit_rate')} |",
         f"| Stats freshness, write sent to visible: p50 / p99 ({fresh.get('samples')} probes "
-        f"under the mixed load) | {_ms(fresh.get('p50_ms'))} / {_ms(fresh.get('p99_ms'))} | | | "
+        f"under the mixed load; visible at the first read after the write's answer: "
+        f"{_pct(fresh.get('first_poll_share'))}; from the answer: "
+        f"{_ms(fresh.get('from_ack_p50_ms'))} / {_ms(fresh.get('from_ack_p99_ms'))}) | "
+        f"{_ms(fresh.get('p50_ms'))} / {_ms(fresh.get('p99_ms'))} | | | "
         f"{_met(r, 'freshness_p99_ms')} |",
     ]
+    families = ", ".join(f"{f} {_pct(v.get('hit_rate'))}" for f, v in
+                         (rates.get("redis", {}).get("families") or {}).items())
+    if families:
+        lines.append(f"| Mixed: Redis hit rate per key family ({families}) | | | | |")
     burst = c.get("burst", {})
     rec = q.get("recomputes_per_1000_writes")
     rec_text = (f"{rec:g}" if rec is not None else

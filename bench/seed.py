@@ -28,7 +28,7 @@ PRIORITIES = ("LOW", "MEDIUM", "HIGH", "URGENT")
 BATCH = 5_000
 # Table codes keep the ids of different tables apart.
 ORG, USER, SESSION, PROJECT, TASK, COMMENT = 1, 2, 3, 4, 5, 6
-SAMPLE_TASKS = 8  # tasks per project the load generator reads and writes
+SAMPLE_TASKS = 32  # tasks per project the load generator reads and writes
 
 
 @dataclass(frozen=True)
