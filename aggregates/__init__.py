@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import redis
 from sqlalchemy import case, func, select
@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from cache import metrics
 from cache.keys import AGGREGATE_TTL, org_generation
-from cache.store import VERSION_TTL, RedisCache, Unavailable, _token
+from cache.store import MISSING, VERSION_TTL, RedisCache, Unavailable, _token
 from models import Comment, Project, Task, TaskStatus, User
 
 STATUSES = [s.value for s in TaskStatus]
@@ -242,6 +242,34 @@ class Snapshot:
     ttl: int
 
 
+@dataclass
+class StatsRead:
+    """A statistics read that can ride on another lookup's round trip (a SideRead)."""
+
+    store: "AggregateStore"
+    agg: Aggregate
+    org_id: str
+    owner_id: str
+    also: Callable[[redis.client.Pipeline], None] | None = None
+    reply: Any = MISSING
+
+    def queue(self, pipe: redis.client.Pipeline) -> int:
+        keys, args = self.store._args(self.agg, self.org_id, self.owner_id)
+        before = len(pipe)
+        # EVALSHA in a plain pipeline (a Script called on a pipeline costs a SCRIPT EXISTS round
+        # trip); a restarted Redis has lost the script: load_scripts, then go again.
+        pipe.evalsha(self.store._read.sha, len(keys), *keys, *args, 0)
+        if self.also:
+            self.also(pipe)
+        return len(pipe) - before
+
+    def load_scripts(self, client: redis.Redis) -> None:
+        client.script_load(_READ)
+
+    def snapshot(self) -> Snapshot | None:
+        return self.store.parse(self.agg, self.owner_id, self.reply)
+
+
 class AggregateStore:
     def __init__(self, cache: RedisCache) -> None:
         self.cache = cache
@@ -260,11 +288,29 @@ class AggregateStore:
         `also(pipe)` queues more commands for the same round trip (their replies are dropped)."""
         if not self.cache.enabled:
             return None
-        keys, args = self._args(agg, org_id, owner_id)
-        if also is None:
-            flat, ttl = self.cache.call("get", lambda: self._read(keys=keys, args=[*args, 0]))
-        else:
-            flat, ttl = self.cache.call("get", lambda: self._read_with(keys, [*args, 0], also))
+        read = self.side_read(agg, org_id, owner_id, also)
+
+        def run() -> Any:
+            for attempt in (1, 2):
+                pipe = self.cache.client.pipeline(transaction=False)
+                read.queue(pipe)
+                try:
+                    return pipe.execute()[0]
+                except redis.exceptions.NoScriptError:
+                    if attempt == 2:
+                        raise
+                    read.load_scripts(self.cache.client)
+
+        read.reply = self.cache.call("get", run)
+        return read.snapshot()
+
+    def side_read(self, agg: Aggregate, org_id: str, owner_id: str,
+                  also: Callable[[redis.client.Pipeline], None] | None = None) -> "StatsRead":
+        """The same read, to be made in another lookup's round trip (see RedisCache.lookup_many)."""
+        return StatsRead(self, agg, org_id, owner_id, also)
+
+    def parse(self, agg: Aggregate, owner_id: str, reply: Any) -> Snapshot | None:
+        flat, ttl = reply
         if flat and b"seq" in flat[::2] and flat[flat.index(b"seq") + 1] == b"-1":
             flat = []  # reserved by a recount in progress: a miss
         if not flat:
@@ -278,21 +324,6 @@ class AggregateStore:
         known = int(raw.get("known", 0))
         return Snapshot(agg.present(owner_id, counts), seq, float(raw.get("computed_at", 0)),
                         stale=known > seq, ttl=int(ttl))
-
-    def _read_with(self, keys: list, args: list,
-                   also: Callable[[redis.client.Pipeline], None]) -> list:
-        # EVALSHA in a plain pipeline (a Script called on a pipeline costs a SCRIPT EXISTS round
-        # trip); a restarted Redis has lost the script: load it and go again.
-        for attempt in (1, 2):
-            pipe = self.cache.client.pipeline(transaction=False)
-            pipe.evalsha(self._read.sha, len(keys), *keys, *args)
-            also(pipe)
-            try:
-                return pipe.execute()[0]
-            except redis.exceptions.NoScriptError:
-                if attempt == 2:
-                    raise
-                self.cache.client.script_load(_READ)
 
     def apply(self, delta: Delta, source: str) -> str:
         agg = AGGREGATES[delta.kind]

@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Protocol, Sequence, TypeVar
 
 import redis
 
@@ -75,6 +75,19 @@ end
 for i, k in ipairs(KEYS) do redis.call('SET', k, ARGV[1] .. i, 'EX', ARGV[2]) end
 return 1
 """
+
+
+class SideRead(Protocol):
+    """A read of another shape than a Key's (e.g. a statistics hash) that can share a lookup's
+    round trip. `reply` stays MISSING unless the round trip succeeded."""
+
+    reply: Any
+
+    def queue(self, pipe: redis.client.Pipeline) -> int:
+        """Queue the read (its reply first) and return how many commands were queued."""
+
+    def load_scripts(self, client: redis.Redis) -> None:
+        """Load the scripts the read runs (after a Redis restart lost them)."""
 
 
 class Unavailable(Exception):
@@ -170,8 +183,9 @@ class RedisCache:
     def lookup(self, key: Key) -> Lookup:
         return self.lookup_many([key])[0]
 
-    def lookup_many(self, keys: Sequence[Key]) -> list[Lookup]:
-        """Look up several keys in one round trip (e.g. the session and the entity of a request)."""
+    def lookup_many(self, keys: Sequence[Key], side: Sequence["SideRead"] = ()) -> list[Lookup]:
+        """Look up several keys in one round trip (e.g. the session and the entity of a request),
+        with `side` reads of other shapes (a statistics hash) in the same round trip."""
         if self._owed_purges and not self._settle_owed_purges():
             return [Lookup(key, None) for key in keys]
 
@@ -184,12 +198,21 @@ class RedisCache:
                 for key in keys:
                     pipe.evalsha(self._lookup.sha, len(key.versions), *key.versions, key.name,
                                  _token(), VERSION_TTL, key.ttl if key.sliding else 0, tally)
+                counts = [read.queue(pipe) for read in side]
                 try:
-                    return pipe.execute()
+                    replies = pipe.execute()
                 except redis.exceptions.NoScriptError:
                     if attempt == 2:
                         raise
                     self.client.script_load(_LOOKUP)
+                    for read in side:
+                        read.load_scripts(self.client)
+                    continue
+                at = len(keys)
+                for read, count in zip(side, counts):
+                    read.reply = replies[at]
+                    at += count
+                return replies[:len(keys)]
 
         tally = tally_key()
         try:
@@ -322,7 +345,7 @@ class DisabledCache(RedisCache):
     def __init__(self, client: redis.Redis, breaker: CircuitBreaker) -> None:
         super().__init__(client, breaker)
 
-    def lookup_many(self, keys: Sequence[Key]) -> list[Lookup]:
+    def lookup_many(self, keys: Sequence[Key], side: Sequence[SideRead] = ()) -> list[Lookup]:
         return [Lookup(key, None) for key in keys]
 
     def invalidate(self, versions, *, org_ids, family, source="web", event_id=None) -> bool:

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from cache import keys
-from cache.store import Lookup
+from cache.store import Lookup, SideRead
 from events import ORGANIZATION_CREATED, SESSION_ENDED, USER_CREATED
 from models import AuthSession, Organization, User, new_id, utcnow
 from services import present
@@ -217,20 +217,23 @@ def _load_session(session_id: str, user_id: str):
 
 
 def authenticate(services: Services, token: str, *also: keys.Key,
-                 prefetch: Callable[[str], Sequence[keys.Key]] | None = None,
-                 ) -> tuple[Actor, list[Lookup]]:
-    """The actor of a bearer token, with the lookups of `also` (and of `prefetch(org_id)`, keys
-    that need the token's organization) made in the same round trip. Their values are only for
-    the caller to use once this returned, i.e. once the session is known valid."""
+                 prefetch: Callable[[str], Sequence[keys.Key | SideRead]] | None = None,
+                 ) -> tuple[Actor, list[Lookup | SideRead]]:
+    """The actor of a bearer token, with the lookups of `also` (and of `prefetch(org_id)`: keys
+    or side reads that need the token's organization) made in the same round trip, returned in
+    their order. Their values are only for the caller to use once this returned, i.e. once the
+    session is known valid."""
     claims = _decode(services, token)
     org_id, user_id, session_id = claims["org"], claims["sub"], claims["sid"]
-    if prefetch is not None:
-        also = (*also, *prefetch(org_id))
+    wanted: Sequence[keys.Key | SideRead] = (*also, *(prefetch(org_id) if prefetch else ()))
     session_key = keys.session(org_id, user_id, session_id)
-    lookups = services.cache.lookup_many([session_key, *also])
-    data, _ = cached(services, session_key, _load_session(session_id, user_id), lookups[0])
+    plain = [k for k in wanted if isinstance(k, keys.Key)]
+    side = [k for k in wanted if not isinstance(k, keys.Key)]
+    found = iter(services.cache.lookup_many([session_key, *plain], side))
+    session_lookup = next(found)
+    data, _ = cached(services, session_key, _load_session(session_id, user_id), session_lookup)
     if (data is None or data["organization_id"] != org_id
             or data["expires_at"] <= time.time()):
         raise Unauthorized("session has ended")
     actor = Actor(user_id, org_id, session_id, tuple(data["roles"]), data["email"])
-    return actor, lookups[1:]
+    return actor, [next(found) if isinstance(k, keys.Key) else k for k in wanted]

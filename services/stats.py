@@ -6,9 +6,9 @@ from __future__ import annotations
 import datetime as dt
 import time
 
-from aggregates import PROJECT_STATS, USER_STATS, Aggregate, Snapshot
-from cache import metrics
-from cache.store import BYPASS, HIT_L2, MISS, STALE, Unavailable, _token
+from aggregates import PROJECT_STATS, USER_STATS, Aggregate, Snapshot, StatsRead
+from cache import keys, metrics
+from cache.store import BYPASS, HIT_L2, MISS, MISSING, STALE, Unavailable, _token
 from services.auth import Actor
 from services.context import Services
 from services.directory import get_user
@@ -53,10 +53,14 @@ def _from_snapshot(services: Services, agg: Aggregate, actor: Actor, owner_id: s
 
 
 def read_stats(services: Services, agg: Aggregate, actor: Actor, owner_id: str,
-               also=None) -> tuple[dict, str]:
+               also=None, prefetched: StatsRead | None = None) -> tuple[dict, str]:
+    """`prefetched`: the same read, already made in the session's round trip."""
     store = services.aggregates
     try:
-        snap = store.read(agg, actor.org_id, owner_id, also)
+        if prefetched is not None and prefetched.reply is not MISSING:
+            snap = prefetched.snapshot()
+        else:
+            snap = store.read(agg, actor.org_id, owner_id, also)
     except Unavailable:
         return _compute(services, agg, actor, owner_id), BYPASS
     if snap is not None:
@@ -105,13 +109,20 @@ def _single_flight(services: Services, agg: Aggregate, actor: Actor,
     return _compute(services, agg, actor, owner_id), MISS
 
 
-def project_stats(services: Services, actor: Actor, project_id: str,
-                  lookup=None) -> tuple[dict, str]:
-    """Two round trips when warm: the session with the project (`lookup`, prefetched by the
-    view), then the stats hash with the read tally."""
+def project_stats(services: Services, actor: Actor, project_id: str, lookup=None,
+                  prefetched: StatsRead | None = None) -> tuple[dict, str]:
+    """One round trip when warm and prefetched by the view (see `project_stats_reads`): the
+    session, the project (`lookup`), the stats hash and the read tally together."""
     get_project(services, actor, project_id, lookup)
     return read_stats(services, PROJECT_STATS, actor, project_id,
-                      also=_count_read(actor.org_id, project_id))
+                      also=_count_read(actor.org_id, project_id), prefetched=prefetched)
+
+
+def project_stats_reads(services: Services, org_id: str, project_id: str) -> list:
+    """What a project stats request reads, for the session's round trip."""
+    return [keys.project(org_id, project_id),
+            services.aggregates.side_read(PROJECT_STATS, org_id, project_id,
+                                          also=_count_read(org_id, project_id))]
 
 
 # Reads of project stats per hour, the warm-ups' measure of "busiest" (tasks/warmup.py).

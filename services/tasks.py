@@ -38,8 +38,9 @@ def get_task(services: Services, actor: Actor, task_id: str, lookup=None) -> tup
 
 
 def list_project_tasks(services: Services, actor: Actor, project_id: str, *, status: str | None,
-                       assignee_id: str | None, limit: int, cursor: str | None):
-    get_project(services, actor, project_id)
+                       assignee_id: str | None, limit: int, cursor: str | None,
+                       project_lookup=None):
+    get_project(services, actor, project_id, project_lookup)
 
     def load(db):
         query = select(Task).where(Task.project_id == project_id)

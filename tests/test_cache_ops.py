@@ -24,9 +24,9 @@ def cost(client, services, url, headers) -> tuple[int, int, str]:
 
 
 @pytest.mark.parametrize("path, max_trips", [
-    ("/api/projects/{id}", 2),          # session + project
-    ("/api/projects/{id}/tasks", 3),    # session + project (404 check) + list
-    ("/api/projects/{id}/stats", 4),    # session + project + stats hash + busiest-projects tally
+    ("/api/projects/{id}", 1),          # session + project, prefetched together
+    ("/api/projects/{id}/tasks", 2),    # session + project (404 check), then the list
+    ("/api/projects/{id}/stats", 1),    # session + project + stats hash + tally, together
     ("/api/me", 3),                     # session + user + organization
 ])
 def test_a_warm_hot_request_never_touches_the_database(client, admin, project, services, path,

@@ -122,9 +122,10 @@ def endpoint(bp: Blueprint, method: str, rule: str, *, summary: str,
              response: type[BaseModel] | None = None, status: int = 200,
              authenticated: bool = True, public: bool = False,
              errors: tuple[int, ...] = (),
-             prefetch: Callable[[str, dict], list] | None = None) -> Callable:
-    """`prefetch(org_id, path_params)` names cache keys the view reads: they are looked up in
-    the session's round trip and handed to the view as `lookups` (in the same order)."""
+             prefetch: Callable[[Any, str, dict], list] | None = None) -> Callable:
+    """`prefetch(services, org_id, path_params)` names what the view reads (cache keys, side
+    reads): it is read in the session's round trip and handed to the view as `lookups` (in the
+    same order)."""
     op = Operation(method, rule, summary, bp.name, body, query, response, status, authenticated,
                    public, errors)
     OPERATIONS.append(op)
@@ -136,7 +137,7 @@ def endpoint(bp: Blueprint, method: str, rule: str, *, summary: str,
             ctx = services()
             # Who is asking comes first: an anonymous caller learns nothing from validation.
             if authenticated:
-                plan = None if prefetch is None else (lambda org: prefetch(org, kwargs))
+                plan = None if prefetch is None else (lambda org: prefetch(ctx, org, kwargs))
                 kwargs["actor"], lookups = auth.authenticate(ctx, bearer_token(), prefetch=plan)
                 if prefetch is not None:
                     kwargs["lookups"] = lookups

@@ -6,7 +6,7 @@ from flask import Blueprint
 
 from cache import keys
 from services import notifications, projects, tasks
-from services.stats import project_stats
+from services.stats import project_stats, project_stats_reads
 from web import schemas as s
 from web.endpoint import endpoint
 
@@ -26,11 +26,15 @@ def create_project(services, actor, body: s.ProjectCreate):
     return projects.create_project(services, actor, **body.model_dump())
 
 
-def _project_key(org_id: str, path: dict) -> list:
+def _project_key(services, org_id: str, path: dict) -> list:
     return [keys.project(org_id, path["project_id"])]
 
 
-def _task_key(org_id: str, path: dict) -> list:
+def _stats_reads(services, org_id: str, path: dict) -> list:
+    return project_stats_reads(services, org_id, path["project_id"])
+
+
+def _task_key(services, org_id: str, path: dict) -> list:
     return [keys.task(org_id, path["task_id"])]
 
 
@@ -54,17 +58,17 @@ def delete_project(services, actor, project_id: str):
 
 
 @endpoint(bp, "GET", "/api/projects/<uuid:project_id>/stats", summary="Project statistics",
-          response=s.ProjectStats, errors=(404,), prefetch=_project_key)
+          response=s.ProjectStats, errors=(404,), prefetch=_stats_reads)
 def get_project_stats(services, actor, project_id: str, lookups):
-    return project_stats(services, actor, project_id, lookups[0])
+    return project_stats(services, actor, project_id, *lookups)
 
 
 @endpoint(bp, "GET", "/api/projects/<uuid:project_id>/tasks", summary="Tasks of a project",
-          query=s.TaskQuery, response=s.page_of(s.Task), errors=(404,))
-def list_tasks(services, actor, project_id: str, query: s.TaskQuery):
+          query=s.TaskQuery, response=s.page_of(s.Task), errors=(404,), prefetch=_project_key)
+def list_tasks(services, actor, project_id: str, query: s.TaskQuery, lookups):
     return tasks.list_project_tasks(services, actor, project_id, status=query.status,
                                     assignee_id=query.assignee_id, limit=query.limit,
-                                    cursor=query.cursor)
+                                    cursor=query.cursor, project_lookup=lookups[0])
 
 
 @endpoint(bp, "POST", "/api/projects/<uuid:project_id>/tasks", summary="Create a task",
