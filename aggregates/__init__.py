@@ -46,7 +46,7 @@ local name = ARGV[1] .. '@' .. gen
 _READ = _RESOLVE + """
 local refresh = tonumber(ARGV[4])
 local ttl = redis.call('TTL', name)
-return {redis.call('HGETALL', name), ttl}
+return {redis.call('HGETALL', name), ttl, redis.call('TIME')[1]}
 """
 
 # ARGV[4]=placeholder ttl in ms. Reserve the hash for a recount unless it exists.
@@ -69,6 +69,9 @@ if seq > have + 1 then
   redis.call('HSET', name, 'd:' .. seq, packed)
   local known = tonumber(redis.call('HGET', name, 'known') or '0')
   if seq > known then redis.call('HSET', name, 'known', seq) end
+  if redis.call('HEXISTS', name, 'gap_since') == 0 then
+    redis.call('HSET', name, 'gap_since', redis.call('TIME')[1])
+  end
   return 'buffered'
 end
 local function apply(p)
@@ -86,6 +89,12 @@ while true do
   n = n + 1
 end
 redis.call('HSET', name, 'seq', n)
+-- Progress was made: a gap that remains is timed from now.
+if tonumber(redis.call('HGET', name, 'known') or '0') > n then
+  redis.call('HSET', name, 'gap_since', redis.call('TIME')[1])
+else
+  redis.call('HDEL', name, 'gap_since')
+end
 return 'applied'
 """
 
@@ -125,7 +134,9 @@ for s, p in pairs(buffered) do
   if s > n then redis.call('HSET', name, 'd:' .. s, p) end
   if s > known then known = s end
 end
-if known > n then redis.call('HSET', name, 'known', known) end
+if known > n then
+  redis.call('HSET', name, 'known', known, 'gap_since', redis.call('TIME')[1])
+end
 while true do
   local nxt = redis.call('HGET', name, 'd:' .. (n + 1))
   if not nxt then break end
@@ -136,6 +147,7 @@ while true do
   n = n + 1
 end
 redis.call('HSET', name, 'seq', n)
+if known <= n then redis.call('HDEL', name, 'known', 'gap_since') end
 redis.call('EXPIRE', name, ARGV[5])
 if have == seq then return 'drift' end
 return 'replaced'
@@ -240,6 +252,7 @@ class Snapshot:
     computed_at: float
     stale: bool
     ttl: int
+    stalled: float = 0.0  # seconds a gap has stood without progress (0 when not stale)
 
 
 @dataclass
@@ -310,7 +323,7 @@ class AggregateStore:
         return StatsRead(self, agg, org_id, owner_id, also)
 
     def parse(self, agg: Aggregate, owner_id: str, reply: Any) -> Snapshot | None:
-        flat, ttl = reply
+        flat, ttl, now = reply
         if flat and b"seq" in flat[::2] and flat[flat.index(b"seq") + 1] == b"-1":
             flat = []  # reserved by a recount in progress: a miss
         if not flat:
@@ -321,9 +334,10 @@ class AggregateStore:
                zip(flat[::2], flat[1::2])}
         counts = {f: int(raw.get(f, 0)) for f in agg.fields}
         seq = int(raw.get("seq", 0))
-        known = int(raw.get("known", 0))
+        stale = int(raw.get("known", 0)) > seq
+        stalled = max(0.0, float(now) - float(raw.get("gap_since", now))) if stale else 0.0
         return Snapshot(agg.present(owner_id, counts), seq, float(raw.get("computed_at", 0)),
-                        stale=known > seq, ttl=int(ttl))
+                        stale=stale, ttl=int(ttl), stalled=stalled)
 
     def apply(self, delta: Delta, source: str) -> str:
         agg = AGGREGATES[delta.kind]

@@ -17,6 +17,14 @@ from services.projects import get_project
 
 # Ask a worker to recount once less than this much of the 5-minute TTL is left (refresh-ahead).
 REFRESH_AHEAD = 60
+# A delta that arrives before its predecessor waits in the hash; the predecessor normally lands
+# within milliseconds (both come from the web right after their commits, and again from the
+# outbox). Only a gap that has made no progress for this long is worth a full recount.
+GAP_PATIENCE = 2.0
+
+
+def needs_recount(snap: Snapshot) -> bool:
+    return (snap.stale and snap.stalled >= GAP_PATIENCE) or 0 <= snap.ttl < REFRESH_AHEAD
 
 
 def _iso(ts: float) -> str:
@@ -44,7 +52,7 @@ def _schedule_recount(services: Services, agg: Aggregate, org_id: str, owner_id:
 
 def _from_snapshot(services: Services, agg: Aggregate, actor: Actor, owner_id: str,
                    snap: Snapshot) -> tuple[dict, str]:
-    if snap.stale or 0 <= snap.ttl < REFRESH_AHEAD:
+    if needs_recount(snap):
         _schedule_recount(services, agg, actor.org_id, owner_id)
     if snap.stale:
         metrics.stale_served.labels(f"{agg.kind}_stats").inc()

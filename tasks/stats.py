@@ -8,7 +8,7 @@ import time
 from celery import shared_task
 
 from aggregates import AGGREGATES
-from services.stats import REFRESH_AHEAD
+from services.stats import needs_recount
 from worker.base import TaskBase
 from worker.publish import pending_key
 
@@ -33,12 +33,12 @@ def recount(self, kind: str, org_id: str, owner_id: str) -> str:
 
 
 def _still_fresh(services, kind: str, org_id: str, owner_id: str) -> bool:
-    """Recounts are asked for when a read saw a gap (a delta arriving out of order), a TTL
-    running out, or no hash at all. Gaps usually fill within milliseconds, as the missing delta
-    lands: if by now the hash is complete and not about to expire, counting again (0.5 s of SQL
-    for a 200,000-task project) would change nothing."""
+    """Recounts are asked for when a delta arrived out of order, a TTL runs out, or there is no
+    hash at all. Gaps usually fill within milliseconds, as the missing delta lands: unless the
+    hash is missing, stalled or about to expire, counting again (0.5 s of SQL for a 200,000-task
+    project) would change nothing."""
     snapshot = services.aggregates.read(AGGREGATES[kind], org_id, owner_id)
-    return snapshot is not None and not snapshot.stale and snapshot.ttl > REFRESH_AHEAD
+    return snapshot is not None and not needs_recount(snapshot)
 
 
 def _test_delay(services, owner_id: str) -> None:

@@ -170,6 +170,36 @@ def test_deltas_applied_out_of_order_end_exact(client, admin, project, services)
     assert final.stats["total_comments"] == 1
 
 
+def test_a_gap_asks_for_a_recount_only_once_it_has_stalled(client, admin, project, services):
+    """An out-of-order delta normally finds its predecessor within milliseconds: reads serve the
+    stats marked stale without asking for a recount; a gap that made no progress for
+    GAP_PATIENCE seconds does ask for one, once per read, coalesced by the worker."""
+    from services.stats import GAP_PATIENCE, needs_recount
+
+    org, pid = admin.organization["id"], project["id"]
+    store = services.aggregates
+    asked = []
+    services.extras["schedule_recount"] = lambda *args: asked.append(args)
+    client.get(f"/api/projects/{pid}/stats", headers=admin.headers)  # cold: computed, cached
+    seq = store.read(PROJECT_STATS, org, pid).seq
+    assert store.apply(Delta("project", org, pid, seq + 2, {"TODO": 1}), "test") == "buffered"
+
+    young = client.get(f"/api/projects/{pid}/stats", headers=admin.headers)
+    assert young.json["stale"] is True and asked == []
+    assert not needs_recount(store.read(PROJECT_STATS, org, pid))
+
+    name = next(k for k in services.redis.scan_iter(f"{PROJECT_STATS.name(org, pid)}@*"))
+    services.redis.hincrby(name, "gap_since", -int(GAP_PATIENCE) - 1)  # as if long ago
+    stalled = client.get(f"/api/projects/{pid}/stats", headers=admin.headers)
+    assert stalled.json["stale"] is True
+    assert asked == [("project", org, pid)]
+
+    assert store.apply(Delta("project", org, pid, seq + 1, {"TODO": 1}), "test") == "applied"
+    healed = store.read(PROJECT_STATS, org, pid)
+    assert not healed.stale and healed.stalled == 0 and not needs_recount(healed)
+    assert b"gap_since" not in services.redis.hgetall(name)
+
+
 def hooked(agg, after_count):
     """The aggregate with a hook run between the recount's database read and its store."""
     def count(session, owner_id):
