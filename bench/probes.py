@@ -117,8 +117,14 @@ def hit_rates(before: dict, after: dict) -> dict:
     return result
 
 
-def summed(before: dict, after: dict, name: str, by: str | None = None) -> dict | float:
+def summed(before: dict, after: dict, name: str, by: str | None = None,
+           where: dict | None = None) -> dict | float:
+    """The increase of a counter between two scrapes, summed (or per value of label `by`),
+    over the series whose labels match `where`."""
     d = delta(before, after, name)
+    if where:
+        d = {labels: v for labels, v in d.items()
+             if all(dict(labels).get(k) == want for k, want in where.items())}
     if by is None:
         return sum(d.values())
     out: dict[str, float] = defaultdict(float)

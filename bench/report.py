@@ -188,9 +188,11 @@ def markdown(r: dict) -> str:
                 f"n/a (no worker; web recounts {sum((burst.get('web_recomputes') or {}).values()):g})")
     if rec is not None and burst.get("writes") != 1000:
         rec_text = f"{rec:g} ({burst.get('recomputes'):g} for {burst.get('writes')} writes)"
-    lines.append(f"| Full recomputes per 1,000-write burst on one project ("
+    users = sum((burst.get("worker_user_stats_recomputes") or {}).values())
+    lines.append(f"| Full recomputes of the project's stats per 1,000-write burst on it ("
                  f"{burst.get('writes_per_s')} writes/s; stats exact afterwards: "
-                 f"{burst.get('stats_exact_after')}) | {rec_text} | | | |")
+                 f"{burst.get('stats_exact_after')}; the assignees' user stats, first filled by "
+                 f"the burst: {users:g} recounts) | {rec_text} | | | |")
     for family, mem in (c.get("memory") or {}).items():
         if family.startswith("_"):
             continue

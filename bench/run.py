@@ -290,8 +290,15 @@ class Bench:
         time.sleep(1.0)
         settled = self.settle(stack)
         after, after_w = probes.scrape(stack.base), self.worker_metrics(stack)
-        web = probes.summed(before, after, "stats_recomputes_total", by="reason")
-        worker = probes.summed(before_w, after_w, "stats_recomputes_total", by="reason")
+        # The project's statistics; the assignees' (user) statistics the burst also moves are
+        # reported beside them.
+        project_only = {"aggregate": "project"}
+        web = probes.summed(before, after, "stats_recomputes_total", by="reason",
+                            where=project_only)
+        worker = probes.summed(before_w, after_w, "stats_recomputes_total", by="reason",
+                               where=project_only)
+        worker_users = probes.summed(before_w, after_w, "stats_recomputes_total", by="reason",
+                                     where={"aggregate": "user"})
         flower = (probes.flower_recomputes(int(stack.env["FLOWER_PORT"]), self.flower_auth,
                                            since) if stack.with_workers else None)
         # The stats after the burst against a count in the database: exact, or not.
@@ -314,6 +321,7 @@ class Bench:
         available = stack.with_workers and bool(after_w)
         out = {**sent, "settle_seconds": round(settled, 2), "web_recomputes": web,
                "worker_recomputes": worker if available else None,
+               "worker_user_stats_recomputes": worker_users if available else None,
                "flower_recompute_tasks": flower,
                "recomputes": caused if available else None,
                "recomputes_per_1000": round(caused * 1000 / writes, 1) if available else None,
