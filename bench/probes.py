@@ -221,6 +221,17 @@ class FreshnessProbe(threading.Thread):
 
 
 # -- a burst of writes ----------------------------------------------------------------------------
+def run_in_threads(target, count: int) -> float:
+    """Run `target` in `count` threads at once; the seconds until the last one finished."""
+    started = time.perf_counter()
+    threads = [threading.Thread(target=target) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - started
+
+
 def write_burst(base: str, token: str, task_ids: list[str], writes: int,
                 connections: int = 4) -> dict:
     """`writes` status changes spread over `task_ids`, sent as fast as `connections` allow."""
@@ -245,13 +256,7 @@ def write_burst(base: str, token: str, task_ids: list[str], writes: int,
         finally:
             client.close()
 
-    started = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(connections)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - started
+    seconds = run_in_threads(worker, connections)
     return {"writes": writes, "ok": counter["ok"], "failed": counter["failed"],
             "seconds": round(seconds, 2), "writes_per_s": round(writes / seconds, 1)}
 
@@ -280,14 +285,8 @@ def sweep(base: str, lines: list[tuple[str, str]], connections: int = 8) -> dict
             for c in clients.values():
                 c.close()
 
-    started = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(connections)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return {"requests": len(lines), "failed": state["failed"],
-            "seconds": round(time.perf_counter() - started, 2)}
+    seconds = run_in_threads(worker, connections)
+    return {"requests": len(lines), "failed": state["failed"], "seconds": round(seconds, 2)}
 
 
 # -- flower -----------------------------------------------------------------------------------------

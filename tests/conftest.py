@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import pytest
 
@@ -31,10 +33,12 @@ def redis_server():
     server.stop()
 
 
-@pytest.fixture(scope="session", params=_backends())
-def database_url(request, tmp_path_factory):
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'test.db'}"
+@contextmanager
+def fresh_database(backend: str, folder) -> Iterator[str]:
+    """A migrated database of its own: a file under `folder` for SQLite, a uniquely named
+    database (created, then dropped) on MariaDB. Yields its URL."""
+    if backend == "sqlite":
+        url = f"sqlite:///{folder / 'test.db'}"
         upgrade(url)
         yield url
         return
@@ -52,6 +56,12 @@ def database_url(request, tmp_path_factory):
         with admin.connect() as conn:
             conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
         admin.dispose()
+
+
+@pytest.fixture(scope="session", params=_backends())
+def database_url(request, tmp_path_factory):
+    with fresh_database(request.param, tmp_path_factory.mktemp("db")) as url:
+        yield url
 
 
 @pytest.fixture

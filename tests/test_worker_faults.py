@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import time
-import uuid
 
 import pytest
 
@@ -23,28 +22,11 @@ pytestmark = pytest.mark.slow
 def database_url(database_url, tmp_path_factory):  # noqa: F811
     """A database of this module's own, on the same backend: the outbox sweep here re-sends every
     unprocessed event, and the rest of the suite, which runs without a worker, leaves thousands."""
-    from conftest import MARIADB_ADMIN_URL
-    from sqlalchemy import create_engine, text
+    from conftest import fresh_database
 
-    from db.migrations import upgrade
-
-    if database_url.startswith("sqlite"):
-        url = f"sqlite:///{tmp_path_factory.mktemp('faults') / 'faults.db'}"
-        upgrade(url)
+    backend = "sqlite" if database_url.startswith("sqlite") else "mariadb"
+    with fresh_database(backend, tmp_path_factory.mktemp("faults")) as url:
         yield url
-        return
-    name = f"taskcache_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(MARIADB_ADMIN_URL)
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4"))
-    try:
-        url = f"{MARIADB_ADMIN_URL}/{name}"
-        upgrade(url)
-        yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
-        admin.dispose()
 
 
 @pytest.fixture
