@@ -88,7 +88,9 @@ while true do
   redis.call('HDEL', name, 'd:' .. (n + 1))
   n = n + 1
 end
-redis.call('HSET', name, 'seq', n)
+local now = redis.call('TIME')
+-- computed_at: when the value last caught up with a change, by a delta as much as by a recount.
+redis.call('HSET', name, 'seq', n, 'computed_at', now[1] .. '.' .. string.format('%06d', now[2]))
 -- Progress was made: a gap that remains is timed from now.
 if tonumber(redis.call('HGET', name, 'known') or '0') > n then
   redis.call('HSET', name, 'gap_since', redis.call('TIME')[1])

@@ -382,3 +382,13 @@ def test_every_key_the_app_writes_has_a_ttl(client, admin, project, r):
     forever = [n for n in names if r.ttl(n) == -1]
     assert forever == []
     assert stored_names(r, keys.project(admin.organization["id"], project["id"]))
+
+
+def test_stats_computed_at_moves_when_a_write_is_folded_in(client, admin, project):
+    url = f"/api/projects/{project['id']}/stats"
+    before = miss_then_hit(client, url, admin.headers)["computed_at"]
+    client.post(f"/api/projects/{project['id']}/tasks", json={"title": "A"},
+                headers=admin.headers)
+    after = client.get(url, headers=admin.headers).json
+    assert after["total_tasks"] == 1
+    assert after["computed_at"] > before  # RFC 3339 with fixed digits: ordered as strings
