@@ -47,6 +47,10 @@ class Settings:
     # Debounce window for coalesced aggregate recomputes.
     recompute_countdown: float = 0.2
     login_failures_per_minute: int = 10
+    # Where `make up` binds the API and Flower: loopback unless set (0.0.0.0 for every interface).
+    bind_address: str = "127.0.0.1"
+    # The user `make up` runs its children as when started by root ("root" keeps root).
+    stack_user: str = "nobody"
 
     def with_overrides(self, **changes) -> "Settings":
         return replace(self, **changes)
@@ -66,6 +70,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         cache_enabled=_flag(env.get("CACHE_ENABLED"), True),
         access_token_ttl=int(env.get("ACCESS_TOKEN_TTL") or 900),
         recompute_countdown=float(env.get("RECOMPUTE_COUNTDOWN") or 0.2),
+        bind_address=env.get("BIND_ADDRESS") or "127.0.0.1",
+        stack_user=env.get("STACK_USER") if env.get("STACK_USER") is not None else "nobody",
     )
 
 
