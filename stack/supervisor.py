@@ -33,7 +33,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from stack.redis_server import preexec_for_this_thread
 
@@ -125,8 +125,9 @@ class Supervisor:
         return child
 
     def run(self, stop: StopRequest, on_tick: Callable[[], None] | None = None,
-            interval: float = POLL_INTERVAL) -> None:
-        """Supervise until `stop` is set, then stop every child (also when this raises)."""
+            interval: float = POLL_INTERVAL, stop_first: Iterable[str] = ()) -> None:
+        """Supervise until `stop` is set, then stop every child (also when this raises): those
+        named in `stop_first` (say, the API and workers), then the rest (the servers they use)."""
         try:
             while not stop:
                 self.poll()
@@ -135,6 +136,7 @@ class Supervisor:
                 time.sleep(interval)
         finally:
             stop.ignore_further()
+            self.stop(stop_first)
             self.stop()
 
     def poll(self) -> None:
@@ -147,12 +149,14 @@ class Supervisor:
                 child.restarts += 1
                 self._spawn(child)
 
-    def stop(self) -> None:
-        """SIGTERM to every process group, up to stop_timeout for a graceful exit, then SIGKILL;
-        returns once every group is gone."""
-        live = [child for child in self.children.values() if child.process is not None]
-        for child in self.children.values():
+    def stop(self, names: Iterable[str] | None = None) -> None:
+        """SIGTERM to the process group of each child (or of those named), up to stop_timeout
+        for a graceful exit, then SIGKILL; returns once those groups are gone."""
+        chosen = [child for child in self.children.values()
+                  if names is None or child.name in set(names)]
+        for child in chosen:
             child.restart_at = None
+        live = [child for child in chosen if child.process is not None]
         if not live:
             return
         self.log(f"stopping {', '.join(child.name for child in live)}")
@@ -163,7 +167,8 @@ class Supervisor:
             _signal_group(child.process.pid, signal.SIGKILL)
         for child in live:
             child.process.wait()
-        restarted = {c.name: c.restarts for c in self.children.values() if c.restarts}
+            child.process = None
+        restarted = {c.name: c.restarts for c in live if c.restarts}
         if restarted:
             self.log("restarts during this run: "
                      + ", ".join(f"{name} {count}" for name, count in restarted.items()))

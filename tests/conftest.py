@@ -28,7 +28,18 @@ def _backends() -> list[str]:
 
 @pytest.fixture(scope="session")
 def redis_server():
-    server = RedisServer.start()
+    """The cache Redis, bounded and evicting as `make up`'s is (/health/cache reports one that
+    cannot evict as degraded)."""
+    server = RedisServer.start(extra_args=["--maxmemory", "256mb"])
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def broker_server():
+    """The broker the app publishes to, a server of its own as in `make up` (no worker reads it
+    unless a test starts one; its queues are flushed with the cache)."""
+    server = RedisServer.start(maxmemory_policy="noeviction")
     yield server
     server.stop()
 
@@ -65,12 +76,14 @@ def database_url(request, tmp_path_factory):
 
 
 @pytest.fixture
-def settings(database_url, redis_server) -> Settings:
+def settings(database_url, redis_server, broker_server) -> Settings:
     import redis
 
     redis.Redis.from_url(redis_server.url_for(0)).flushall()
+    redis.Redis.from_url(broker_server.url_for(0)).flushall()
     return Settings(database_url=database_url, redis_url=redis_server.url_for(0),
-                    celery_broker_url=redis_server.url_for(1), secret_key="test-secret-" + "x" * 32,
+                    celery_broker_url=broker_server.url_for(0),
+                    secret_key="test-secret-" + "x" * 32,
                     breaker_cooldown=0.5)
 
 
