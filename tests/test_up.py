@@ -1,0 +1,205 @@
+"""`make up` itself (`python -m stack.up`), on real processes: its own private redis-servers (no
+REDIS_URL or CELERY_BROKER_URL set), a database of the test's own, free ports.
+
+- a child that dies is restarted and the API stays up; Flower's /metrics and /healthcheck ask for
+  credentials; the API and Flower listen on loopback only;
+- SIGKILL of the supervisor leaves no process of the stack behind;
+- (marker faults) the cache and broker Redis restarted three times during writes: every process
+  alive afterwards, every acknowledged write readable, lists and stats exact.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from stack.redis_server import free_port, preexec_for_this_thread
+from worker_fixtures import PROJECT_ROOT, wait_until
+
+pytestmark = pytest.mark.slow
+START_TIMEOUT = 180.0  # migrations, seeding and four children on a loaded 2-core machine
+FLOWER_AUTH = "flower:test-password"
+
+
+@dataclass
+class Stack:
+    process: subprocess.Popen
+    log_path: Path
+    web_port: int
+    flower_port: int
+    password: str = ""
+    pids: dict[str, int] = field(default_factory=dict)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, pattern: str, timeout: float = START_TIMEOUT) -> re.Match:
+        def seen():
+            if self.process.poll() is not None:
+                raise AssertionError(f"make up exited ({self.process.returncode}):\n"
+                                     + self.log()[-4000:])
+            return re.search(pattern, self.log())
+        return wait_until(seen, timeout, 0.2, f"make up to log {pattern!r}")
+
+    def child_pid(self, name: str) -> int:
+        """The pid of the latest start of child `name`."""
+        found = re.findall(rf"\[up\] started {re.escape(name)}(?: \(restart \d+\))? "
+                           rf"\(pid (\d+)\)", self.log())
+        assert found, f"{name} never started:\n{self.log()[-3000:]}"
+        return int(found[-1])
+
+    def api(self, method: str, path: str, body: dict | None = None, token: str | None = None):
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.web_port}{path}", method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Content-Type": "application/json",
+                     **({"Authorization": f"Bearer {token}"} if token else {})})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                return answer.status, json.loads(answer.read() or b"null")
+        except urllib.error.HTTPError as error:
+            return error.code, None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_stack(tmp_path: Path, database_url: str, **extra: str) -> Stack:
+    env = dict(os.environ)
+    for name in ("REDIS_URL", "CELERY_BROKER_URL", "PROMETHEUS_MULTIPROC_DIR", "BIND_ADDRESS"):
+        env.pop(name, None)  # the default configuration: make up starts its own Redis servers
+    web_port, flower_port = free_port(), free_port()
+    env.update(DATABASE_URL=database_url, WEB_PORT=str(web_port), FLOWER_PORT=str(flower_port),
+               WORKER_METRICS_PORT=str(free_port()), STACK_VAR_DIR=str(tmp_path / "var"),
+               FLOWER_BASIC_AUTH=FLOWER_AUTH, SECRET_KEY="test-secret-" + "x" * 32,
+               PYTHONPATH=str(PROJECT_ROOT), **extra)
+    log_path = tmp_path / "up.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "stack.up"], cwd=PROJECT_ROOT, env=env,
+                                   stdin=subprocess.DEVNULL, stdout=log,
+                                   stderr=subprocess.STDOUT,
+                                   preexec_fn=preexec_for_this_thread())
+    stack = Stack(process, log_path, web_port, flower_port)
+    try:
+        stack.password = stack.wait_for_log(r"log in as demo@example.com / (\S+)").group(1)
+        stack.wait_for_log(r"Ctrl-C stops everything")
+        for name in ("cache-redis", "broker-redis", "web", "worker", "beat", "flower"):
+            stack.pids[name] = stack.child_pid(name)
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+@pytest.fixture
+def sqlite_stack(tmp_path):
+    stack = start_stack(tmp_path, f"sqlite:///{tmp_path / 'up.db'}")
+    yield stack
+    stack.stop()
+
+
+# -- processes ------------------------------------------------------------------------------------
+def process_tree(root: int) -> set[int]:
+    """`root` and every descendant, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie has exited: it only waits for its parent to read its status)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local IPv4 addresses with a listening TCP socket on `port` (from /proc/net/tcp)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, port_hex = local.split(":")
+        if state == "0A" and int(port_hex, 16) == port:
+            found.add(".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0)))
+    return found
+
+
+def flower_status(stack: Stack, path: str, auth: str | None) -> int:
+    headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth \
+        else {}
+    request = urllib.request.Request(f"http://127.0.0.1:{stack.flower_port}{path}",
+                                     headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def flower_answers(stack: Stack) -> bool:
+    try:
+        return flower_status(stack, "/healthcheck", FLOWER_AUTH) == 200
+    except OSError:
+        return False
+
+
+def test_make_up_restarts_a_dead_child_and_leaves_nothing_when_killed(sqlite_stack):
+    stack = sqlite_stack
+    # Safe defaults: loopback only, and Flower's /metrics and /healthcheck ask for credentials.
+    assert listening_addresses(stack.web_port) == {"127.0.0.1"}
+    wait_until(lambda: flower_answers(stack), 120, 0.5, "Flower to answer")
+    assert listening_addresses(stack.flower_port) == {"127.0.0.1"}
+    for path in ("/metrics", "/healthcheck", "/"):
+        assert flower_status(stack, path, None) == 401, path
+        assert flower_status(stack, path, "flower:wrong") == 401, path
+    assert flower_status(stack, "/metrics", FLOWER_AUTH) == 200
+
+    # A child that dies is restarted; the API never goes down with it.
+    os.kill(stack.pids["worker"], signal.SIGKILL)
+    stack.wait_for_log(r"worker exited unexpectedly \(signal SIGKILL\).*restart 1 in")
+    stack.wait_for_log(r"started worker \(restart 1\)")
+    assert stack.api("GET", "/health")[0] == 200
+    assert stack.child_pid("web") == stack.pids["web"]
+    restarted = stack.child_pid("worker")
+    assert restarted != stack.pids["worker"]
+    stack.wait_for_log(rf"(?s)started worker \(restart 1\).*celery@\S+ ready\.")
+
+    # SIGKILL of the supervisor: every process of the stack goes (gunicorn and pool workers,
+    # beat, Flower, both redis-servers), none keeps consuming a broker.
+    tree = process_tree(stack.process.pid)
+    assert len(tree) >= 10, tree  # supervisor, 2 redis, gunicorn + workers, celery + pool, ...
+    stack.process.kill()
+    stack.process.wait()
+    wait_until(lambda: not any(alive(pid) for pid in tree), 120, 0.5,
+               "every process of the stack to exit")
