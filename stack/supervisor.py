@@ -200,7 +200,7 @@ class Supervisor:
         delay = self.backoff.delay(child.failures_in_a_row)
         child.restart_at = now + delay
         self.log(f"{child.name} exited unexpectedly ({_describe(code)}) after {ran:.1f} s: "
-                 f"restart {child.restarts + 1} in {delay:.0f} s")
+                 f"restart {child.restarts + 1} in {delay:g} s")
 
 
 def _as_user(user: str | None) -> dict:
