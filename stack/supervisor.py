@@ -21,7 +21,7 @@ it (SIGKILL), web/gunicorn_conf.py sets it in every gunicorn worker.
 Why not supervisord, circus or honcho: honcho stops everything when one process exits (no
 restarts); supervisord gives up on a program after `startretries` (FATAL) and, like circus,
 leaves its children running when it is SIGKILLed, and each brings a daemon, a config format and,
-for circus, ZeroMQ. The policy we need is about 150 lines of Python, tested on real processes.
+for circus, ZeroMQ. The policy we need is about 200 lines of Python, tested on real processes.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ object has no attribute 'hostname'`, see worker/broker_fix.py), and down for a m
 
 from __future__ import annotations
 
+import subprocess
 import time
 import uuid
 
@@ -12,9 +13,9 @@ from celery import Celery
 
 from config import Settings
 from db.migrations import upgrade
-from stack.redis_server import RedisServer
+from stack.redis_server import RedisServer, preexec_for_this_thread
 from stack.up import worker_commands
-from worker_fixtures import CeleryProcess, celery_env, wait_until
+from worker_fixtures import PROJECT_ROOT, CeleryProcess, celery_env, wait_until
 
 pytestmark = pytest.mark.slow
 RECOUNT = "tasks.stats.recount"
@@ -31,11 +32,6 @@ def servers(tmp_path):
 
 def start(name: str, servers, tmp_path, **extra) -> CeleryProcess:
     """`make up`'s command for `name` (worker or beat), on these servers."""
-    import subprocess
-
-    from stack.redis_server import preexec_for_this_thread
-    from worker_fixtures import PROJECT_ROOT
-
     database, cache, broker = servers
     argv = worker_commands(Settings(), "user:password")[name]
     if name == "beat":
