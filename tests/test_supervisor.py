@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import sys
 
+import pytest
+
 from stack.supervisor import Backoff, Supervisor
 from worker_fixtures import wait_until
 
@@ -54,3 +56,20 @@ def _zombie(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can run a child as another user")
+def test_a_child_runs_as_the_user_it_was_given():
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    supervisor = Supervisor(lambda line: None)
+    child = supervisor.add("unprivileged", ["/bin/sleep", "60"], user="nobody")
+    try:
+        with open(f"/proc/{child.pid}/status") as status:
+            ids = {line.split(":")[0]: line.split()[1:] for line in status}
+        assert ids["Uid"] == [str(nobody.pw_uid)] * 4
+        assert ids["Gid"] == [str(nobody.pw_gid)] * 4
+        assert ids["Groups"] == []  # root's supplementary groups dropped too
+    finally:
+        supervisor.stop()
