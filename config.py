@@ -47,6 +47,10 @@ class Settings:
     # Debounce window for coalesced aggregate recomputes.
     recompute_countdown: float = 0.2
     login_failures_per_minute: int = 10
+    # Failed logins per client address per minute, over all emails (password spraying).
+    login_failures_per_address: int = 30
+    # Addresses/networks of reverse proxies whose X-Forwarded-For is believed; none by default.
+    trusted_proxies: tuple[str, ...] = ()
 
     def with_overrides(self, **changes) -> "Settings":
         return replace(self, **changes)
@@ -66,6 +70,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         cache_enabled=_flag(env.get("CACHE_ENABLED"), True),
         access_token_ttl=int(env.get("ACCESS_TOKEN_TTL") or 900),
         recompute_countdown=float(env.get("RECOMPUTE_COUNTDOWN") or 0.2),
+        login_failures_per_address=int(env.get("LOGIN_FAILURES_PER_ADDRESS") or 30),
+        trusted_proxies=tuple(p.strip() for p in (env.get("TRUSTED_PROXIES") or "").split(",")
+                              if p.strip()),
     )
 
 
