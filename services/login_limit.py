@@ -15,14 +15,14 @@ import math
 from dataclasses import dataclass
 
 from prometheus_client import Counter
-from sqlalchemy import case, delete, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import case, delete, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from cache.store import Unavailable
 from models import LoginThrottle, utcnow
 from services.context import Services
 from services.errors import RateLimited
+from services.uow import retry_on_deadlock
 
 log = logging.getLogger(__name__)
 
@@ -135,12 +135,24 @@ def _take_in_redis(services: Services, limits) -> tuple[str | None, int]:
     return limits[int(which) - 1][0], max(1, math.ceil(int(pttl) / 1000)) if pttl > 0 else WINDOW
 
 
+@retry_on_deadlock
 def _take_in_database(services: Services, limits) -> tuple[str | None, int]:
     now = utcnow()
+    keys = [key for _, key, _ in limits]
     with services.db.writers() as db:
+        # The rows exist before they are counted under their row locks: concurrent first
+        # attempts inserting the same key would deadlock on InnoDB's duplicate-key locks.
+        db.execute(insert(LoginThrottle)
+                   .prefix_with("OR IGNORE", dialect="sqlite")
+                   .prefix_with("IGNORE", dialect="mysql").prefix_with("IGNORE", dialect="mariadb")
+                   .values([{"key": key, "failures": 0, "window_ends": now} for key in keys]))
         if next(_uses) % _CLEANUP_EVERY == 0:
-            db.execute(delete(LoginThrottle).where(LoginThrottle.window_ends <= now))
-        for label, key, limit in limits:
+            db.execute(delete(LoginThrottle).where(
+                LoginThrottle.window_ends <= now - dt.timedelta(seconds=WINDOW),
+                LoginThrottle.key.not_in(keys)))
+        db.commit()
+    with services.db.writers() as db:
+        for label, key, limit in limits:  # always email before address: no lock cycles
             retry_after = _count_in_database(db, key, limit, now)
             if retry_after:
                 db.rollback()  # an attempt refused by one counter counts in none
@@ -153,24 +165,14 @@ def _count_in_database(db: Session, key: str, limit: int, now: dt.datetime) -> i
     """Count an attempt under `key` and return 0, or return the seconds until its window ends.
     The UPDATE's condition is evaluated under the row lock, so concurrent attempts queue."""
     ended = LoginThrottle.window_ends <= now
-    for _ in range(3):
-        counted = db.execute(
-            update(LoginThrottle)
-            .where(LoginThrottle.key == key, or_(ended, LoginThrottle.failures < limit))
-            .values(failures=case((ended, 1), else_=LoginThrottle.failures + 1),
-                    window_ends=case((ended, now + dt.timedelta(seconds=WINDOW)),
-                                     else_=LoginThrottle.window_ends))
-            .execution_options(synchronize_session=False)).rowcount
-        if counted:
-            return 0
-        window_ends = db.scalar(select(LoginThrottle.window_ends).where(LoginThrottle.key == key))
-        if window_ends is not None:
-            return max(1, math.ceil((window_ends - now).total_seconds()))
-        try:
-            with db.begin_nested():
-                db.add(LoginThrottle(key=key, failures=1,
-                                     window_ends=now + dt.timedelta(seconds=WINDOW)))
-            return 0
-        except IntegrityError:
-            continue  # another attempt created the row first: count under it
-    return WINDOW  # never settled: refuse rather than verify uncounted
+    counted = db.execute(
+        update(LoginThrottle)
+        .where(LoginThrottle.key == key, or_(ended, LoginThrottle.failures < limit))
+        .values(failures=case((ended, 1), else_=LoginThrottle.failures + 1),
+                window_ends=case((ended, now + dt.timedelta(seconds=WINDOW)),
+                                 else_=LoginThrottle.window_ends))
+        .execution_options(synchronize_session=False)).rowcount
+    if counted:
+        return 0
+    window_ends = db.scalar(select(LoginThrottle.window_ends).where(LoginThrottle.key == key))
+    return max(1, math.ceil((window_ends - now).total_seconds()))
