@@ -51,6 +51,10 @@ class Settings:
     bind_address: str = "127.0.0.1"
     # The user `make up` runs its children as when started by root ("root" keeps root).
     stack_user: str = "nobody"
+    # Failed logins per client address per minute, over all emails (password spraying).
+    login_failures_per_address: int = 30
+    # Addresses/networks of reverse proxies whose X-Forwarded-For is believed; none by default.
+    trusted_proxies: tuple[str, ...] = ()
 
     def with_overrides(self, **changes) -> "Settings":
         return replace(self, **changes)
@@ -72,6 +76,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         recompute_countdown=float(env.get("RECOMPUTE_COUNTDOWN") or 0.2),
         bind_address=env.get("BIND_ADDRESS") or "127.0.0.1",
         stack_user=env.get("STACK_USER") if env.get("STACK_USER") is not None else "nobody",
+        login_failures_per_address=int(env.get("LOGIN_FAILURES_PER_ADDRESS") or 30),
+        trusted_proxies=tuple(p.strip() for p in (env.get("TRUSTED_PROXIES") or "").split(",")
+                              if p.strip()),
     )
 
 

@@ -117,6 +117,17 @@ class AuthSession(Base):
     revoked_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
 
 
+class LoginThrottle(Base):
+    """Failed-login counts per email or client address, used only while Redis is unreachable:
+    one conditional UPDATE counts an attempt or refuses it, atomically on both backends."""
+
+    __tablename__ = "login_throttle"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    window_ends: Mapped[dt.datetime] = mapped_column(Timestamp)
+
+
 class Project(Base):
     __tablename__ = "projects"
     __table_args__ = (

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 import re
 import threading
@@ -22,9 +21,9 @@ from cache import keys
 from cache.store import Lookup, SideRead
 from events import ORGANIZATION_CREATED, SESSION_ENDED, USER_CREATED
 from models import AuthSession, Organization, User, new_id, utcnow
-from services import present
+from services import login_limit, present
 from services.context import Services
-from services.errors import Conflict, RateLimited, Unauthorized
+from services.errors import Conflict, Unauthorized
 from services.reads import cached
 from services.uow import UnitOfWork
 
@@ -114,42 +113,16 @@ def sign_up(services: Services, *, organization_name: str, email: str, password:
                 **issue_token(services, login)}
 
 
-def _limiter_key(email: str) -> str:
-    return "ratelimit:login:" + hashlib.sha256(email.lower().encode()).hexdigest()[:32]
-
-
-def _check_rate_limit(services: Services, email: str) -> None:
-    limit = services.settings.login_failures_per_minute
-    try:
-        pipe = services.redis.pipeline(transaction=False)
-        pipe.get(_limiter_key(email))
-        pipe.ttl(_limiter_key(email))
-        failures, ttl = pipe.execute()
-    except Exception as exc:
-        log.warning("login rate limit unavailable, allowing the attempt: %s", exc)
-        return
-    if failures is not None and int(failures) >= limit:
-        raise RateLimited("too many failed logins for this email; try again later",
-                          retry_after=max(int(ttl), 1))
-
-
-def _count_failure(services: Services, email: str) -> None:
-    try:
-        pipe = services.redis.pipeline(transaction=True)
-        pipe.incr(_limiter_key(email))
-        pipe.expire(_limiter_key(email), 60, nx=True)
-        pipe.execute()
-    except Exception as exc:
-        log.warning("could not count a failed login: %s", exc)
-
-
-def login(services: Services, *, email: str, password: str) -> dict:
-    _check_rate_limit(services, email)
+def login(services: Services, *, email: str, password: str, address: str | None = None) -> dict:
+    """`address` is the client's (behind trusted proxies only: web/client.py); None skips the
+    per-address limit."""
+    slot = login_limit.take_slot(services, email=email, address=address)
     with UnitOfWork(services) as uow:
         user = uow.session.scalar(select(User).where(User.email == email.lower()))
+        login_limit.password_checks.inc()
         if not verify_password(user.password_hash if user else None, password):
-            _count_failure(services, email)
             raise Unauthorized("invalid email or password")
+        login_limit.give_back(services, slot, uow.session)
         login_session = _new_session(uow, user)
         uow.commit()
         return issue_token(services, login_session)

@@ -12,7 +12,7 @@ from models import Comment, Notification, Project, Task, User, new_id, utcnow
 from services import present
 from services.auth import Actor
 from services.context import Services
-from services.errors import NotFound
+from services.errors import Forbidden, NotFound
 from services.pagination import page
 from services.reads import cached
 from services.uow import UnitOfWork, retry_on_deadlock
@@ -101,6 +101,8 @@ def _assignee_deltas(uow: UnitOfWork, actor: Actor, project_id: str) -> list[Del
 def delete_project(services: Services, actor: Actor, project_id: str) -> None:
     with UnitOfWork(services) as uow:
         project = locked_project(uow, actor, project_id)
+        if not actor.is_admin and project.owner_id != actor.user_id:
+            raise Forbidden("only the project's owner or an admin may delete it")
         deltas = _assignee_deltas(uow, actor, project.id)
         # Explicit deletes, children first: the same on every backend, cascades or not.
         for model in (Notification, Comment, Task):

@@ -123,14 +123,72 @@ def test_odd_strings_are_stored_or_rejected_never_a_500(client, admin, world, va
     answer = client.post(f"/api/projects/{world['project']['id']}/tasks", headers=admin.headers,
                          data=json.dumps({"title": value, "description": value}),
                          content_type="application/json")
-    # A lone surrogate is not Unicode: the body is not valid UTF-8 JSON text (400).
-    expected = 400 if any(0xD800 <= ord(c) <= 0xDFFF for c in value) else 201
+    # A lone surrogate is not Unicode: the body is not valid UTF-8 JSON text (400); NUL is a
+    # control character (422).
+    expected = (400 if any(0xD800 <= ord(c) <= 0xDFFF for c in value)
+                else 422 if "\u0000" in value else 201)
     assert answer.status_code == expected, answer.get_data(as_text=True)
     if answer.status_code == 201:
         stored = client.get(f"/api/tasks/{answer.json['id']}", headers=admin.headers).json
         assert stored["description"] == value
     else:
-        assert_problem(answer, 400)
+        assert_problem(answer, expected)
+
+
+def _text_fields(world) -> list[tuple[str, str, dict, str, bool]]:
+    """(method, path, valid body, text field, tabs and newlines allowed) for every stored text."""
+    p, t = world["project"]["id"], world["task"]["id"]
+    user = {"email": "new@example.com", "password": "long enough pw", "display_name": "New"}
+    return [
+        ("PATCH", "/api/orgs/current", {"name": "R"}, "name", False),
+        ("POST", "/api/users", user, "display_name", False),
+        ("POST", "/api/users", user, "password", False),
+        ("POST", "/api/users", user, "email", False),
+        ("POST", "/api/projects", {"name": "N"}, "name", False),
+        ("POST", "/api/projects", {"name": "N"}, "description", True),
+        ("PATCH", f"/api/projects/{p}", {"name": "N"}, "name", False),
+        ("PATCH", f"/api/projects/{p}", {"description": "D"}, "description", True),
+        ("POST", f"/api/projects/{p}/tasks", {"title": "T"}, "title", False),
+        ("POST", f"/api/projects/{p}/tasks", {"title": "T"}, "description", True),
+        ("PATCH", f"/api/tasks/{t}", {"title": "T"}, "title", False),
+        ("PATCH", f"/api/tasks/{t}", {"description": "D"}, "description", True),
+        ("POST", f"/api/tasks/{t}/comments", {"body": "B"}, "body", True),
+    ]
+
+
+TEXT_FIELD_NAMES = ["org name", "user display_name", "user password", "user email",
+                    "project name", "project description", "PATCH project name",
+                    "PATCH project description", "task title", "task description",
+                    "PATCH task title", "PATCH task description", "comment body"]
+
+
+@pytest.mark.parametrize("index", range(13), ids=TEXT_FIELD_NAMES)
+def test_control_characters_in_text_are_422_tabs_and_newlines_only_in_long_text(
+        client, services, admin, world, index):
+    method, path, body, field, multiline = _text_fields(world)[index]
+    before = org_footprint(services, admin.organization["id"])
+
+    def send(char: str):
+        value = f"x{char}y" + ("long enough" if field == "password" else "")
+        if field == "email":
+            value = f"a{char}b@example.com"
+        return value, client.open(path, method=method, headers=admin.headers,
+                                  data=json.dumps({**body, field: value}),
+                                  content_type="application/json")
+
+    for char in ("\x00", "\x07", "\x1b", "\r", "\x7f", "\x85", "\x9f") + (
+            () if multiline else ("\t", "\n")):
+        _, answer = send(char)
+        problem = assert_problem(answer, 422)
+        assert [e["field"] for e in problem["errors"]] == [field], (repr(char), problem)
+        if field != "email":  # an email's own validator names the character first
+            assert "control characters" in problem["errors"][0]["message"]
+    assert org_footprint(services, admin.organization["id"]) == before
+    if multiline:
+        for char in ("\t", "\n"):
+            value, answer = send(char)
+            assert answer.status_code in (200, 201), answer.json
+            assert answer.json[field] == value
 
 
 @pytest.mark.parametrize("payload", [

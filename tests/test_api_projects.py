@@ -245,3 +245,33 @@ def test_unknown_project_ids_are_404_on_every_project_route(client, admin):
                                ("GET", url + "/tasks", None),
                                ("POST", url + "/tasks", {"title": "x"})]:
         assert_problem(client.open(path, method=method, headers=admin.headers, json=body), 404)
+
+
+def test_only_the_owner_or_an_admin_may_delete_a_project(client, services, admin):
+    from models import Project
+
+    member = add_member(client, admin)
+    other = add_member(client, admin)
+    admins_project = make_project(client, admin.headers, name="Admin's")
+    members_project = make_project(client, member["headers"], name="Member's")
+    make_task(client, admin.headers, admins_project["id"])
+
+    for who, project in ((member, admins_project), (other, members_project)):
+        denied = client.delete(f"/api/projects/{project['id']}", headers=who["headers"])
+        assert "owner or an admin" in assert_problem(denied, 403)["detail"]
+        assert count(services, Project, id=project["id"]) == 1
+        assert client.get(f"/api/projects/{project['id']}",
+                          headers=who["headers"]).json == project
+
+    assert client.delete(f"/api/projects/{members_project['id']}",
+                         headers=member["headers"]).status_code == 204
+    assert client.delete(f"/api/projects/{admins_project['id']}",
+                         headers=admin.headers).status_code == 204
+    assert count(services, Project, organization_id=admin.organization["id"]) == 0
+
+
+def test_an_admin_may_delete_a_members_project(client, services, admin):
+    member = add_member(client, admin)
+    project = make_project(client, member["headers"])
+    assert client.delete(f"/api/projects/{project['id']}", headers=admin.headers).status_code == 204
+    assert_problem(client.get(f"/api/projects/{project['id']}", headers=member["headers"]), 404)

@@ -9,13 +9,14 @@ from flask import Flask
 from config import Settings, load_settings
 from services.context import Services, build_services
 
-MAX_BODY = 1024 * 1024
 
 
 def create_app(settings: Settings | None = None, services: Services | None = None) -> Flask:
     settings = settings or load_settings()
     app = Flask(__name__)
-    app.config.update(MAX_CONTENT_LENGTH=MAX_BODY, SECRET_KEY=settings.secret_key,
+    from web import security
+
+    app.config.update(MAX_CONTENT_LENGTH=security.MAX_BODY, SECRET_KEY=settings.secret_key,
                       SEND_FILE_MAX_AGE_DEFAULT=3600)
     app.json.sort_keys = False
     services = services or build_services(settings)
@@ -26,6 +27,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     from web import errors
 
     errors.register(app)
+    security.register(app)
     _logging(app)
     return app
 
@@ -53,7 +55,8 @@ def _static_headers(app: Flask) -> None:
     def immutable_static(response):
         from flask import request
 
-        if request.path.startswith("/static/"):
+        # Only a file is immutable: an error answer is not (security.add_headers: no-store).
+        if request.path.startswith("/static/") and response.status_code in (200, 304):
             response.headers["Cache-Control"] = "public, max-age=3600, immutable"
             response.add_etag() if not response.get_etag()[0] else None
         return response

@@ -4,17 +4,42 @@ document is generated from them; responses are described by them (and checked by
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints, field_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, EmailStr, Field, StringConstraints,
+                      field_validator)
 
-Name = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
-LongText = Annotated[str, StringConstraints(max_length=10_000)]
-Body = Annotated[str, StringConstraints(min_length=1, max_length=10_000)]
-DisplayName = Annotated[str, StringConstraints(min_length=1, max_length=100, strip_whitespace=True)]
-Password = Annotated[str, StringConstraints(min_length=8, max_length=128)]
-Email = Annotated[EmailStr, StringConstraints(max_length=254)]
-Url = Annotated[str, StringConstraints(max_length=2048, pattern=r"^https?://\S+$")]
+# API.md: text never holds NUL or other control characters (C0, DEL, C1); descriptions and
+# bodies may hold tabs and newlines. The pattern is in the OpenAPI document too, so generated
+# clients (and schemathesis) know the rule.
+NO_CONTROLS = r"^[^\x00-\x1F\x7F-\x9F]*$"
+MULTILINE = r"^[^\x00-\x08\x0B-\x1F\x7F-\x9F]*$"
+
+
+def _text(pattern: str, message: str) -> tuple[AfterValidator, Any]:
+    """A validator with its own message (pydantic's names the regex) and the pattern for OpenAPI."""
+    compiled = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if not compiled.match(value):
+            raise ValueError(message)
+        return value
+    return AfterValidator(check), Field(json_schema_extra={"pattern": pattern})
+
+
+Line = _text(NO_CONTROLS, "must not contain control characters")
+Lines = _text(MULTILINE, "must not contain control characters other than tab and newline")
+
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True), *Line]
+LongText = Annotated[str, StringConstraints(max_length=10_000), *Lines]
+Body = Annotated[str, StringConstraints(min_length=1, max_length=10_000), *Lines]
+DisplayName = Annotated[str, StringConstraints(min_length=1, max_length=100, strip_whitespace=True),
+                        *Line]
+Password = Annotated[str, StringConstraints(min_length=8, max_length=128), *Line]
+Email = Annotated[EmailStr, StringConstraints(max_length=254), *Line]
+Url = Annotated[str, StringConstraints(max_length=2048,
+                                       pattern=r"^https?://[^\s\x00-\x1F\x7F-\x9F]+$")]
 Uuid = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")]
 Role = Literal["admin", "member"]
 TaskStatus = Literal["TODO", "IN_PROGRESS", "BLOCKED", "COMPLETED"]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from flask import Blueprint
+from flask import Blueprint, request
 
 from services import auth, directory, tasks
 from services.stats import user_stats
 from web import schemas as s
+from web.client import client_address
 from web.endpoint import bearer_token, endpoint
 
 bp = Blueprint("accounts", __name__)
@@ -22,7 +23,8 @@ def sign_up(services, body: s.SignUp):
 @endpoint(bp, "POST", "/api/auth/login", summary="Log in", body=s.Login, response=s.Token,
           authenticated=False, errors=(401, 429))
 def login(services, body: s.Login):
-    return auth.login(services, email=body.email, password=body.password)
+    address = client_address(request.environ, services.settings.trusted_proxies)
+    return auth.login(services, email=body.email, password=body.password, address=address)
 
 
 @endpoint(bp, "POST", "/api/auth/refresh", summary="Exchange a token for a new one; the old one "

@@ -52,7 +52,8 @@ def update_project(services, actor, project_id: str, body: s.ProjectPatch):
 
 
 @endpoint(bp, "DELETE", "/api/projects/<uuid:project_id>", summary="Delete a project with its "
-          "tasks, comments and notifications", status=204, errors=(404,))
+          "tasks, comments and notifications (its owner or an admin)", status=204,
+          errors=(403, 404))
 def delete_project(services, actor, project_id: str):
     projects.delete_project(services, actor, project_id)
 
