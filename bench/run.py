@@ -317,7 +317,8 @@ class Bench:
                     for s in ("TODO", "IN_PROGRESS", "BLOCKED", "COMPLETED"))
         # What the burst caused: coalesced recounts (worker) and cold misses (web); warm-ups and
         # drift audits that happened to run meanwhile are reported, not counted.
-        caused = worker.get("coalesced", 0) + web.get("cold_miss", 0)
+        caused = (sum(v for reason, v in worker.items() if reason not in ("warmup", "audit"))
+                  + web.get("cold_miss", 0))
         available = stack.with_workers and bool(after_w)
         out = {**sent, "settle_seconds": round(settled, 2), "web_recomputes": web,
                "worker_recomputes": worker if available else None,
