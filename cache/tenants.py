@@ -82,7 +82,15 @@ def org_of(key_name: str) -> str | None:
     return None
 
 
+_other_declared = False
+
+
 def count_lookup(org_id: str, hit: bool) -> None:
     from cache import metrics
 
+    global _other_declared
+    if not _other_declared:  # `other` is a series from the first lookup on, 0 until it counts
+        metrics.tenant_lookups.labels(OTHER, "hit")
+        metrics.tenant_lookups.labels(OTHER, "miss")
+        _other_declared = True
     metrics.tenant_lookups.labels(_tally.label_for(org_id), "hit" if hit else "miss").inc()

@@ -189,6 +189,9 @@ def audit(services, sample: int = SAMPLE, grace: float = GRACE) -> Report:
     def count(table: dict, family: str, metric) -> None:
         table[family] = table.get(family, 0) + 1
         metric.labels(family).inc()
+        if metric is cache_metrics.audit_checked:  # a stale ratio of 0 is a value, not a gap
+            cache_metrics.audit_stale.labels(family)
+            cache_metrics.audit_in_flight.labels(family)
 
     checks, stats = plan(services, sample)
     _read_cached(services, checks)
