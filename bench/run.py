@@ -78,6 +78,11 @@ def write_plans(work: Path, data: Dataset,
         sweep += [(tok, f"/api/projects/{p.id}/stats"), (tok, f"/api/projects/{p.id}"),
                   (tok, f"/api/projects/{p.id}/tasks?limit=20")]
         sweep += [(tok, f"/api/tasks/{t}") for t in p.sample_task_ids]
+    # The freshness probe reads its project's stats and task too: warmed like the rest, or its
+    # first read would be the run's only cold miss (an inline computation after the warm-up).
+    probe_token = tokens[data.probe.org_id]
+    sweep += [(probe_token, f"/api/projects/{data.probe.id}/stats"),
+              (probe_token, f"/api/tasks/{data.probe.sample_task_ids[0]}")]
     return plan, sweep
 
 
