@@ -11,7 +11,7 @@ BENCH_ARGS ?=
 PYTEST_ARGS ?=
 QUICK ?=
 
-.PHONY: install up test bench lock clean
+.PHONY: install up test bench ops-check lock clean
 
 install: $(UV)
 	@$(UV) sync --frozen --quiet
@@ -31,6 +31,11 @@ test: install
 # Installs wrk (Debian's package) itself when missing; its own database and redis-server. BENCHMARKS.md.
 bench: install
 	$(VENV_PYTHON) -m bench $(if $(QUICK),--quick,) $(BENCH_ARGS)
+
+# The dashboard against a real Prometheus (Debian's, installed when missing) scraping a running
+# stack on private servers: every panel's expression returns data, every rule evaluates.
+ops-check: install
+	$(VENV_PYTHON) -m ops.check $(ARGS)
 
 lock: $(UV)
 	$(UV) lock

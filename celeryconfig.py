@@ -75,7 +75,9 @@ task_routes = {
 OUTBOX_SWEEP_INTERVAL = _seconds("OUTBOX_SWEEP_INTERVAL", 5)
 OUTBOX_SWEEP_AGE = _seconds("OUTBOX_SWEEP_AGE", 10)
 WARMUP_INTERVAL = _seconds("WARMUP_INTERVAL", 120)
-DRIFT_AUDIT_INTERVAL = _seconds("DRIFT_AUDIT_INTERVAL", 600)
+# The staleness auditor (tasks/audit.py; it also does what the stats drift audit did).
+CACHE_AUDIT_INTERVAL = _seconds("CACHE_AUDIT_INTERVAL", 60)
+TENANT_MEMORY_INTERVAL = _seconds("TENANT_MEMORY_INTERVAL", 300)
 
 # Exactly one beat runs these (`make up` starts one). `expires`: a run that waited longer than its
 # interval (workers were down) is dropped, the next one does the same work.
@@ -92,9 +94,14 @@ beat_schedule = {
         "kwargs": {"trigger": "beat"},
         "options": {"expires": WARMUP_INTERVAL},
     },
-    "drift-audit": {
-        "task": "tasks.audit.audit_stats",
-        "schedule": DRIFT_AUDIT_INTERVAL,
-        "options": {"expires": DRIFT_AUDIT_INTERVAL},
+    "cache-audit": {
+        "task": "tasks.audit.audit_cache",
+        "schedule": CACHE_AUDIT_INTERVAL,
+        "options": {"expires": CACHE_AUDIT_INTERVAL},
+    },
+    "tenant-memory": {
+        "task": "tasks.audit.tenant_memory",
+        "schedule": TENANT_MEMORY_INTERVAL,
+        "options": {"expires": TENANT_MEMORY_INTERVAL},
     },
 }

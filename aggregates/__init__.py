@@ -24,7 +24,7 @@ import redis
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from cache import metrics
+from cache import metrics, tenants
 from cache.keys import AGGREGATE_TTL, org_generation
 from cache.store import MISSING, VERSION_TTL, RedisCache, Unavailable, _token
 from models import Comment, Project, Task, TaskStatus, User
@@ -282,7 +282,7 @@ class StatsRead:
         client.script_load(_READ)
 
     def snapshot(self) -> Snapshot | None:
-        return self.store.parse(self.agg, self.owner_id, self.reply)
+        return self.store.parse(self.agg, self.owner_id, self.reply, org_id=self.org_id)
 
 
 class AggregateStore:
@@ -298,9 +298,11 @@ class AggregateStore:
         return [org_generation(org_id)], [agg.name(org_id, owner_id), _token(), VERSION_TTL]
 
     def read(self, agg: Aggregate, org_id: str, owner_id: str,
-             also: Callable[[redis.client.Pipeline], None] | None = None) -> Snapshot | None:
+             also: Callable[[redis.client.Pipeline], None] | None = None, *,
+             counted: bool = True) -> Snapshot | None:
         """The cached statistics, or None on a miss. Raises Unavailable when Redis is.
-        `also(pipe)` queues more commands for the same round trip (their replies are dropped)."""
+        `also(pipe)` queues more commands for the same round trip (their replies are dropped).
+        `counted=False`: an inspection, left out of the hit/miss metrics."""
         if not self.cache.enabled:
             return None
         read = self.side_read(agg, org_id, owner_id, also)
@@ -317,21 +319,26 @@ class AggregateStore:
                     read.load_scripts(self.cache.client)
 
         read.reply = self.cache.call("get", run)
-        return read.snapshot()
+        return self.parse(agg, owner_id, read.reply, org_id=org_id, counted=counted)
 
     def side_read(self, agg: Aggregate, org_id: str, owner_id: str,
                   also: Callable[[redis.client.Pipeline], None] | None = None) -> "StatsRead":
         """The same read, to be made in another lookup's round trip (see RedisCache.lookup_many)."""
         return StatsRead(self, agg, org_id, owner_id, also)
 
-    def parse(self, agg: Aggregate, owner_id: str, reply: Any) -> Snapshot | None:
+    def parse(self, agg: Aggregate, owner_id: str, reply: Any, *, org_id: str | None = None,
+              counted: bool = True) -> Snapshot | None:
+        """`counted=False`: an inspection (the auditor's), not a request: no hit/miss metric."""
         flat, ttl, now = reply
         if flat and b"seq" in flat[::2] and flat[flat.index(b"seq") + 1] == b"-1":
             flat = []  # reserved by a recount in progress: a miss
+        if counted:
+            family = f"{agg.kind}_stats"
+            (metrics.hits if flat else metrics.misses).labels("redis", family).inc()
+            if org_id:
+                tenants.count_lookup(org_id, bool(flat))
         if not flat:
-            metrics.misses.labels("redis", f"{agg.kind}_stats").inc()
             return None
-        metrics.hits.labels("redis", f"{agg.kind}_stats").inc()
         raw = {(k.decode() if isinstance(k, bytes) else k): v for k, v in
                zip(flat[::2], flat[1::2])}
         counts = {f: int(raw.get(f, 0)) for f in agg.fields}

@@ -357,3 +357,46 @@ def memory_per_entry(client: redis.Redis, per_family: int = 40) -> dict:
         out["_version_key"] = {"keys_sampled": len(versions),
                                "redis_bytes": round(statistics.mean(versions))}
     return out
+
+
+# -- staleness (the auditor, run from here) -------------------------------------------------------
+class AuditLoop(threading.Thread):
+    """The staleness auditor (tasks/audit.py) in rounds until stopped (or `rounds` done): how many
+    cached values it compared, found stale (each one retired) or saw in flight."""
+
+    def __init__(self, services, rounds: int | None = None, sample: int = 20,
+                 pause: float = 0.5) -> None:
+        super().__init__(name="audit-loop", daemon=True)
+        self.services, self.rounds, self.sample, self.pause = services, rounds, sample, pause
+        self.stop_flag = threading.Event()
+        self.done = 0
+        self.checked: dict[str, int] = defaultdict(int)
+        self.stale: dict[str, int] = defaultdict(int)
+        self.in_flight: dict[str, int] = defaultdict(int)
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        from tasks.audit import audit
+
+        while not self.stop_flag.is_set() and (self.rounds is None or self.done < self.rounds):
+            try:
+                report = audit(self.services, self.sample)
+            except Exception as exc:  # reported, never fatal to the benchmark
+                self.errors.append(repr(exc))
+                break
+            self.done += 1
+            for table, found in ((self.checked, report.checked), (self.stale, report.stale),
+                                 (self.in_flight, report.in_flight)):
+                for family, n in found.items():
+                    table[family] += n
+            self.stop_flag.wait(self.pause)
+
+    def report(self) -> dict:
+        checked, stale = sum(self.checked.values()), sum(self.stale.values())
+        return {"rounds": self.done, "checked": checked, "stale": stale,
+                "in_flight": sum(self.in_flight.values()),
+                "stale_ratio": round(stale / checked, 6) if checked else None,
+                "checked_by_family": dict(sorted(self.checked.items())),
+                "stale_by_family": dict(sorted(self.stale.items())),
+                "in_flight_by_family": dict(sorted(self.in_flight.items())),
+                "errors": self.errors[:5]}

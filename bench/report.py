@@ -182,6 +182,25 @@ def markdown(r: dict) -> str:
                          (rates.get("redis", {}).get("families") or {}).items())
     if families:
         lines.append(f"| Mixed: Redis hit rate per key family ({families}) | | | | |")
+    if "inline_per_hour" in mx:
+        worker = (mx.get("recounts_by_reason") or {}).get("worker") or {}
+        reasons = ", ".join(f"{k} {v:g}" for k, v in sorted(worker.items())) or "none"
+        lines.append(
+            f"| Mixed: statistics computed on a request (cold misses), after warm-up: "
+            f"{mx.get('inline_computations', 0):g} in {mx.get('inline_seconds', 0):g} s "
+            f"(the worker's recounts meanwhile, by reason: {reasons}) | "
+            f"{mx['inline_per_hour']:,.0f} per hour | | | goal 0 |")
+    for name, label in (("under_load", "under the mixed load"), ("steady", "at steady state")):
+        found = (c.get("staleness") or {}).get(name)
+        if not found:
+            continue
+        stale = ", ".join(f"{k} {v}" for k, v in found["stale_by_family"].items()) or "none"
+        ratio = found.get("stale_ratio")
+        lines.append(
+            f"| Stale ratio found by the auditor {label} ({found['rounds']} rounds, "
+            f"{found['checked']:,} cached values compared with the database; stale: {stale}; "
+            f"in flight, not stale: {found['in_flight']}) | "
+            f"{'n/a' if ratio is None else f'{100 * ratio:.3f}%'} | | | expected 0 |")
     burst = c.get("burst", {})
     rec = q.get("recomputes_per_1000_writes")
     rec_text = (f"{rec:g}" if rec is not None else
@@ -203,6 +222,10 @@ def markdown(r: dict) -> str:
     if ver:
         lines.append(f"| Redis memory per version key (each entry names 2-3) | "
                      f"{ver['redis_bytes']:,} B | | | |")
+    sizing = c.get("sizing")
+    if sizing:
+        lines += ["", "`flask --app web cache-size` on this dataset, after the load:", "", "```",
+                  sizing["table"], "```"]
     if r.get("notes"):
         lines += ["", "Notes: " + "; ".join(r["notes"]) + "."]
     return "\n".join(lines) + "\n"

@@ -78,6 +78,11 @@ def write_plans(work: Path, data: Dataset,
         sweep += [(tok, f"/api/projects/{p.id}/stats"), (tok, f"/api/projects/{p.id}"),
                   (tok, f"/api/projects/{p.id}/tasks?limit=20")]
         sweep += [(tok, f"/api/tasks/{t}") for t in p.sample_task_ids]
+    # The freshness probe reads its project's stats and task too: warmed like the rest, or its
+    # first read would be the run's only cold miss (an inline computation after the warm-up).
+    probe_token = tokens[data.probe.org_id]
+    sweep += [(probe_token, f"/api/projects/{data.probe.id}/stats"),
+              (probe_token, f"/api/tasks/{data.probe.sample_task_ids[0]}")]
     return plan, sweep
 
 
@@ -212,10 +217,12 @@ class Bench:
             out["list"] = self.measure("task list (20)", sp["list"], self.token0)
             out["health_after"] = self.measure("/health (again)", "/health")
             out["mixed"] = self.mixed()
+            out["staleness"] = self.staleness(stack)
             out["burst"] = self.burst(stack)
             out["health_cache"] = probes.Client(stack.base).get("/health/cache")[1]
             out["memory"] = probes.memory_per_entry(
                 redis.Redis.from_url(self.redis_server.url_for(0)))
+            out["sizing"] = self.sizing()
         finally:
             stack.stop()
         return out
@@ -233,10 +240,12 @@ class Bench:
                                       probe_task, count=count,
                                       interval=max(0.02, self.load.seconds * 2 / count - 0.01))
         before = probes.scrape(self.stack.base)
+        before_w = self.worker_metrics(self.stack)
         probe.start()
         result = wrk(self.load, self.stack.base + "/", "mixed.lua", str(self.plan), "2",
                      seconds=self.load.seconds * 2)
         after = probes.scrape(self.stack.base)
+        after_w = self.worker_metrics(self.stack)
         probe.stop_flag.set()
         probe.join(timeout=30)
         fresh = probe.report()
@@ -245,13 +254,72 @@ class Bench:
             f"{result.p99_ms:.2f} ms  hit rate {rates['overall']['hit_rate']}  "
             f"freshness p50 {fresh['p50_ms']} ms p99 {fresh['p99_ms']} ms "
             f"({fresh['samples']} probes)")
+        inline = probes.summed(before, after, "stats_inline_computations_total")
+        seconds = result.as_dict().get("seconds") or self.load.seconds * 2
+        recounts = {"web": probes.summed(before, after, "stats_recomputes_total", by="reason"),
+                    "worker": probes.summed(before_w, after_w, "stats_recomputes_total",
+                                            by="reason") if before_w else None}
+        log(f"  inline stats computations (cold misses): {inline:g} in {seconds:g} s "
+            f"({inline * 3600 / seconds:,.0f} per hour); recounts by reason {recounts}")
         return {"load": result.as_dict(), "hit_rates": rates, "freshness": fresh,
-                "inline_computations": probes.summed(before, after,
-                                                     "stats_inline_computations_total"),
+                "inline_computations": inline, "inline_seconds": seconds,
+                "inline_per_hour": round(inline * 3600 / seconds, 1),
+                "recounts_by_reason": recounts,
                 "stale_served": probes.summed(before, after, "cache_stale_served_total"),
                 "errors": probes.summed(before, after, "cache_errors_total", by="operation"),
                 "zipf_s": ZIPF_S, "write_share": WRITE_SHARE,
                 "sweep": sweep}
+
+    def services(self):
+        """The application's services in this process, on the stack's database and Redis (for the
+        auditor and the sizing, which read them as the workers and the CLI do)."""
+        from config import Settings
+        from services.context import build_services
+
+        return build_services(Settings(
+            database_url=self.db_url, redis_url=self.redis_server.url_for(0),
+            celery_broker_url=self.redis_server.url_for(1), secret_key=self.secret),
+            subscribe_l1=False)
+
+    def staleness(self, stack: Stack) -> dict:
+        """The auditor's stale ratio under the mixed load (a run of its own, so the measured run
+        above is not slowed by it), then at steady state (no load, queues empty)."""
+        services = self.services()
+        try:
+            seconds = max(10.0, self.load.seconds * 3)
+            log(f"cached stack: staleness audit under the mixed load ({seconds:g} s), then at rest")
+            loop = probes.AuditLoop(services)
+            loop.start()
+            wrk(self.load, self.stack.base + "/", "mixed.lua", str(self.plan), "3",
+                seconds=seconds)
+            loop.stop_flag.set()
+            loop.join(timeout=120)
+            self.settle(stack)
+            rest = probes.AuditLoop(services, rounds=5)
+            rest.start()
+            rest.join(timeout=300)
+            out = {"under_load": loop.report(), "steady": rest.report()}
+        finally:
+            services.close()
+        for name, found in out.items():
+            log(f"  audit {name}: {found['checked']} checked in {found['rounds']} rounds, "
+                f"{found['stale']} stale {found['stale_by_family']}, {found['in_flight']} in "
+                f"flight")
+        return out
+
+    def sizing(self) -> dict:
+        """`flask --app web cache-size` on the benchmark's data, after its load."""
+        from ops import sizing
+
+        services = self.services()
+        try:
+            result = sizing.measure(services, sample=200)
+        finally:
+            services.close()
+        table = sizing.table(result)
+        log("  cache-size:\n" + table)
+        return {"table": table, "total_bytes": round(result.total),
+                "recommended_bytes": result.recommended}
 
     def worker_metrics(self, stack: Stack) -> dict:
         if not stack.with_workers:
@@ -317,7 +385,8 @@ class Bench:
                     for s in ("TODO", "IN_PROGRESS", "BLOCKED", "COMPLETED"))
         # What the burst caused: coalesced recounts (worker) and cold misses (web); warm-ups and
         # drift audits that happened to run meanwhile are reported, not counted.
-        caused = worker.get("coalesced", 0) + web.get("cold_miss", 0)
+        caused = (sum(v for reason, v in worker.items() if reason not in ("warmup", "audit"))
+                  + web.get("cold_miss", 0))
         available = stack.with_workers and bool(after_w)
         out = {**sent, "settle_seconds": round(settled, 2), "web_recomputes": web,
                "worker_recomputes": worker if available else None,

@@ -22,6 +22,7 @@ class CircuitBreaker:
         self._lock = threading.Lock()
         self._state = CLOSED
         self._opened_at = 0.0
+        metrics.breaker_open.set(0)  # a series from the start: "closed" is a value, not a gap
 
     @property
     def state(self) -> str:

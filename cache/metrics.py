@@ -33,3 +33,22 @@ aggregate_drift = Counter("stats_drift_corrected_total",
                           "Aggregates a full recount found wrong and corrected", ["aggregate"])
 aggregate_recomputes = Counter("stats_recomputes_total", "Full aggregate recounts",
                                ["aggregate", "reason"])
+stats_freshness = Histogram(
+    "stats_freshness_seconds",
+    "From a counted change's write (its outbox row) to its delta folded into the cached stats",
+    ["source"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+# Per organization, bounded (cache/tenants.py): the busiest organizations of this process by name,
+# every other one summed as org="other".
+tenant_lookups = Counter("cache_tenant_lookups_total",
+                         "Redis lookups of tenant data by organization (busiest by name, the rest "
+                         "as other)", ["org", "result"])
+# The staleness auditor (tasks/audit.py).
+audit_checked = Counter("cache_audit_checked_total",
+                        "Cached values the auditor compared with the database", ["entity_type"])
+audit_stale = Counter("cache_audit_stale_total",
+                      "Cached values that differed from the database after a re-check (retired)",
+                      ["entity_type"])
+audit_in_flight = Counter("cache_audit_in_flight_total",
+                          "Differences explained by a write in flight (retired or caught up "
+                          "before the re-check): not stale", ["entity_type"])

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence, TypeVar
 
 import redis
 
-from cache import codec, metrics
+from cache import codec, metrics, tenants
 from cache.breaker import CircuitBreaker
 from cache.keys import Key, org_generation
 
@@ -227,6 +227,9 @@ class RedisCache:
                 metrics.hits.labels("redis", key.family).inc()
             else:
                 metrics.misses.labels("redis", key.family).inc()
+            org_id = tenants.org_of(key.name)
+            if org_id:
+                tenants.count_lookup(org_id, raw is not None)
             found.append(lookup)
         return found
 

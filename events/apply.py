@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 
 from aggregates import Delta, apply_deltas
-from cache import l1
+from cache import l1, metrics
 from events import CONFIG_CHANGED, versions_for
+from models import utcnow
 
 log = logging.getLogger(__name__)
 
 
 def apply_event(services, *, kind: str, org_id: str, payload: dict, event_id: str,
-                source: str) -> dict:
+                source: str, written_at: dt.datetime | None = None) -> dict:
     """Retire the versions the event names and fold in its deltas. Idempotent.
 
     Returns what happened, for logs and tests: {"invalidated": bool, "deltas": [outcomes]}."""
@@ -23,6 +25,10 @@ def apply_event(services, *, kind: str, org_id: str, payload: dict, event_id: st
         _announce_l1(services, payload["name"], invalidated)
     deltas = [Delta.from_dict(d) for d in payload.get("deltas", [])]
     outcomes = apply_deltas(services.aggregates, deltas, source) if services.cache.enabled else []
+    if written_at is not None and "applied" in outcomes:
+        # Freshness: from the change's write (its outbox row) to the change visible in the stats.
+        lag = (utcnow() - written_at).total_seconds()
+        metrics.stats_freshness.labels(source).observe(max(lag, 0.0))
     return {"invalidated": invalidated, "deltas": outcomes}
 
 

@@ -174,7 +174,7 @@ def _decode(services: Services, token: str) -> dict:
     return claims
 
 
-def _load_session(session_id: str, user_id: str):
+def load_session(session_id: str, user_id: str):
     def load(db) -> dict | None:
         row = db.execute(
             select(AuthSession, User).join(User, User.id == AuthSession.user_id)
@@ -204,7 +204,7 @@ def authenticate(services: Services, token: str, *also: keys.Key,
     side = [k for k in wanted if not isinstance(k, keys.Key)]
     found = iter(services.cache.lookup_many([session_key, *plain], side))
     session_lookup = next(found)
-    data, _ = cached(services, session_key, _load_session(session_id, user_id), session_lookup)
+    data, _ = cached(services, session_key, load_session(session_id, user_id), session_lookup)
     if (data is None or data["organization_id"] != org_id
             or data["expires_at"] <= time.time()):
         raise Unauthorized("session has ended")

@@ -17,10 +17,14 @@ from services.reads import cached
 from services.uow import UnitOfWork
 
 
-def get_organization(services: Services, actor: Actor) -> tuple[dict, str]:
+def load_organization(org_id: str):
     def load(db):
-        return present.organization(db.get(Organization, actor.org_id))
-    return cached(services, keys.organization(actor.org_id), load)
+        return present.organization(db.get(Organization, org_id))
+    return load
+
+
+def get_organization(services: Services, actor: Actor) -> tuple[dict, str]:
+    return cached(services, keys.organization(actor.org_id), load_organization(actor.org_id))
 
 
 def update_organization(services: Services, actor: Actor, *, name: str) -> dict:
@@ -38,7 +42,7 @@ def require_admin(actor: Actor) -> None:
         raise Forbidden("this action needs the admin role")
 
 
-def _load_user(org_id: str, user_id: str):
+def load_user(org_id: str, user_id: str):
     def load(db) -> dict | None:
         user = db.get(User, user_id)
         return present.user(user) if user and user.organization_id == org_id else None
@@ -47,7 +51,7 @@ def _load_user(org_id: str, user_id: str):
 
 def get_user(services: Services, actor: Actor, user_id: str) -> tuple[dict, str]:
     found, source = cached(services, keys.user(actor.org_id, user_id),
-                           _load_user(actor.org_id, user_id))
+                           load_user(actor.org_id, user_id))
     if found is None:
         raise NotFound("no such user")
     return found, source
@@ -59,11 +63,16 @@ def me(services: Services, actor: Actor) -> tuple[dict, str]:
     return {**user, "organization": org}, source
 
 
-def list_users(services: Services, actor: Actor, *, limit: int, cursor: str | None):
+def load_members_page(org_id: str, limit: int, cursor: str | None):
     def load(db):
-        query = select(User).where(User.organization_id == actor.org_id)
+        query = select(User).where(User.organization_id == org_id)
         return page(db, query, User, limit=limit, cursor=cursor, present=present.user)
-    return cached(services, keys.member_list(actor.org_id, limit=limit, cursor=cursor), load)
+    return load
+
+
+def list_users(services: Services, actor: Actor, *, limit: int, cursor: str | None):
+    return cached(services, keys.member_list(actor.org_id, limit=limit, cursor=cursor),
+                  load_members_page(actor.org_id, limit, cursor))
 
 
 def create_user(services: Services, actor: Actor, *, email: str, password: str,

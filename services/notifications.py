@@ -29,12 +29,17 @@ def list_notifications(services: Services, actor: Actor, *, unread: bool, limit:
     return cached(services, key, load)
 
 
-def unread_count(services: Services, actor: Actor) -> tuple[dict, str]:
+def load_unread_count(user_id: str):
     def load(db):
         count = db.scalar(select(func.count()).select_from(Notification).where(
-            Notification.user_id == actor.user_id, Notification.read.is_(False)))
+            Notification.user_id == user_id, Notification.read.is_(False)))
         return {"unread": int(count)}
-    return cached(services, keys.unread_count(actor.org_id, actor.user_id), load)
+    return load
+
+
+def unread_count(services: Services, actor: Actor) -> tuple[dict, str]:
+    return cached(services, keys.unread_count(actor.org_id, actor.user_id),
+                  load_unread_count(actor.user_id))
 
 
 def mark_read(services: Services, actor: Actor, notification_id: str) -> None:

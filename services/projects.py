@@ -18,7 +18,7 @@ from services.reads import cached
 from services.uow import UnitOfWork, retry_on_deadlock
 
 
-def _load_project(org_id: str, project_id: str):
+def load_project(org_id: str, project_id: str):
     def load(db) -> dict | None:
         project = db.get(Project, project_id)
         return present.project(project) if project and project.organization_id == org_id else None
@@ -31,21 +31,26 @@ def project_key(actor: Actor, project_id: str) -> keys.Key:
 
 def get_project(services: Services, actor: Actor, project_id: str, lookup=None) -> tuple[dict, str]:
     found, source = cached(services, project_key(actor, project_id),
-                           _load_project(actor.org_id, project_id), lookup)
+                           load_project(actor.org_id, project_id), lookup)
     if found is None:
         raise NotFound("no such project")
     return found, source
 
 
-def list_projects(services: Services, actor: Actor, *, status: str | None, limit: int,
-                  cursor: str | None):
+def load_projects_page(org_id: str, status: str | None, limit: int, cursor: str | None):
+    """A page of the organization's projects as the API presents it (also the auditor's truth)."""
     def load(db):
-        query = select(Project).where(Project.organization_id == actor.org_id)
+        query = select(Project).where(Project.organization_id == org_id)
         if status:
             query = query.where(Project.status == status)
         return page(db, query, Project, limit=limit, cursor=cursor, present=present.project)
+    return load
+
+
+def list_projects(services: Services, actor: Actor, *, status: str | None, limit: int,
+                  cursor: str | None):
     key = keys.project_list(actor.org_id, status=status, limit=limit, cursor=cursor)
-    return cached(services, key, load)
+    return cached(services, key, load_projects_page(actor.org_id, status, limit, cursor))
 
 
 def create_project(services: Services, actor: Actor, *, name: str, description: str) -> dict:

@@ -44,16 +44,22 @@ def _compute(services: Services, agg: Aggregate, actor: Actor, owner_id: str) ->
     return _respond(stats, time.time(), False)
 
 
-def _schedule_recount(services: Services, agg: Aggregate, org_id: str, owner_id: str) -> None:
+def _schedule_recount(services: Services, agg: Aggregate, org_id: str, owner_id: str,
+                      reason: str) -> None:
     schedule = services.extras.get("schedule_recount")
     if schedule:
-        schedule(agg.kind, org_id, owner_id)
+        schedule(agg.kind, org_id, owner_id, reason)
+
+
+def recount_reason(snap: Snapshot) -> str:
+    """Why a read asks for a recount (the `reason` of stats_recomputes_total)."""
+    return "stalled_gap" if snap.stale and snap.stalled >= GAP_PATIENCE else "refresh_ahead"
 
 
 def _from_snapshot(services: Services, agg: Aggregate, actor: Actor, owner_id: str,
                    snap: Snapshot) -> tuple[dict, str]:
     if needs_recount(snap):
-        _schedule_recount(services, agg, actor.org_id, owner_id)
+        _schedule_recount(services, agg, actor.org_id, owner_id, recount_reason(snap))
     if snap.stale:
         metrics.stale_served.labels(f"{agg.kind}_stats").inc()
         return _respond(snap.stats, snap.computed_at, True), STALE

@@ -22,7 +22,7 @@ from services.uow import UnitOfWork, retry_on_deadlock
 
 
 # -- reads --------------------------------------------------------------------------------------
-def _load_task(org_id: str, task_id: str):
+def load_task(org_id: str, task_id: str):
     def load(db) -> dict | None:
         task = db.get(Task, task_id)
         return present.task(task) if task and task.organization_id == org_id else None
@@ -31,7 +31,7 @@ def _load_task(org_id: str, task_id: str):
 
 def get_task(services: Services, actor: Actor, task_id: str, lookup=None) -> tuple[dict, str]:
     found, source = cached(services, keys.task(actor.org_id, task_id),
-                           _load_task(actor.org_id, task_id), lookup)
+                           load_task(actor.org_id, task_id), lookup)
     if found is None:
         raise NotFound("no such task")
     return found, source
@@ -41,7 +41,14 @@ def list_project_tasks(services: Services, actor: Actor, project_id: str, *, sta
                        assignee_id: str | None, limit: int, cursor: str | None,
                        project_lookup=None):
     get_project(services, actor, project_id, project_lookup)
+    key = keys.project_tasks(actor.org_id, project_id, status=status, assignee_id=assignee_id,
+                             limit=limit, cursor=cursor)
+    return cached(services, key, load_tasks_page(project_id, status, assignee_id, limit, cursor))
 
+
+def load_tasks_page(project_id: str, status: str | None, assignee_id: str | None, limit: int,
+                    cursor: str | None):
+    """A page of a project's tasks as the API presents it (also the auditor's truth)."""
     def load(db):
         query = select(Task).where(Task.project_id == project_id)
         if status:
@@ -49,9 +56,7 @@ def list_project_tasks(services: Services, actor: Actor, project_id: str, *, sta
         if assignee_id:
             query = query.where(Task.assignee_id == assignee_id)
         return page(db, query, Task, limit=limit, cursor=cursor, present=present.task)
-    key = keys.project_tasks(actor.org_id, project_id, status=status, assignee_id=assignee_id,
-                             limit=limit, cursor=cursor)
-    return cached(services, key, load)
+    return load
 
 
 def list_user_tasks(services: Services, actor: Actor, user_id: str, *, status: str | None,
@@ -71,13 +76,16 @@ def list_user_tasks(services: Services, actor: Actor, user_id: str, *, status: s
 def list_comments(services: Services, actor: Actor, task_id: str, *, limit: int,
                   cursor: str | None):
     get_task(services, actor, task_id)
+    return cached(services, keys.task_comments(actor.org_id, task_id, limit=limit, cursor=cursor),
+                  load_comments_page(task_id, limit, cursor))
 
+
+def load_comments_page(task_id: str, limit: int, cursor: str | None):
     def load(db):
         query = select(Comment).where(Comment.task_id == task_id)
         return page(db, query, Comment, limit=limit, cursor=cursor, present=present.comment,
                     newest_first=False)
-    return cached(services, keys.task_comments(actor.org_id, task_id, limit=limit, cursor=cursor),
-                  load)
+    return load
 
 
 # -- writes -------------------------------------------------------------------------------------

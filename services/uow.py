@@ -44,7 +44,8 @@ class UnitOfWork:
         events, self.events = self.events, []
         for event in events:
             apply_event(self.services, kind=event.kind, org_id=event.organization_id,
-                        payload=event.payload, event_id=event.event_id, source="web")
+                        payload=event.payload, event_id=event.event_id, source="web",
+                        written_at=event.created_at)
         if events:
             self._publish([e.id for e in events])
 

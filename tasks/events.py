@@ -34,7 +34,8 @@ def process_event(self, outbox_id: int) -> str:
     if event.processed_at is not None:
         return "done"  # a duplicate delivery (the sweep re-sent it)
     result = apply_event(services, kind=event.kind, org_id=event.organization_id,
-                         payload=event.payload, event_id=event.event_id, source="worker")
+                         payload=event.payload, event_id=event.event_id, source="worker",
+                         written_at=event.created_at)
     if not result["invalidated"] or "unavailable" in result["deltas"]:
         # Redis is down: not processed; retried with backoff (and re-sent by the sweep).
         raise Unavailable(f"cache unreachable while applying event {outbox_id}")
@@ -42,7 +43,7 @@ def process_event(self, outbox_id: int) -> str:
     for data, outcome in zip(event.payload.get("deltas", []), result["deltas"]):
         if outcome in NEEDS_RECOUNT:
             delta = Delta.from_dict(data)
-            schedule(delta.kind, delta.org_id, delta.owner_id)
+            schedule(delta.kind, delta.org_id, delta.owner_id, "coalesced")
     # A short write of its own (on SQLite the write lock is the database's only one).
     with self.session() as session:
         session.execute(update(OutboxEvent).where(OutboxEvent.id == outbox_id,

@@ -18,7 +18,10 @@ SLOW_RECOUNT_ENV = "TASKCACHE_TEST_SLOW_RECOUNT"
 
 
 @shared_task(base=TaskBase, bind=True, name="tasks.stats.recount")
-def recount(self, kind: str, org_id: str, owner_id: str) -> str:
+def recount(self, kind: str, org_id: str, owner_id: str, reason: str = "coalesced") -> str:
+    """`reason` labels stats_recomputes_total: "coalesced" (a delta found no hash, a gap or an
+    overflow), "refresh_ahead" or "stalled_gap" (asked by a read), apart from the inline recounts
+    of requests ("cold_miss") and the warm-ups' and the auditor's."""
     services = self.services
     # Before reading: a change that lands from here on finds no marker and schedules another run,
     # so nothing committed during this recount can be left out.
@@ -28,7 +31,7 @@ def recount(self, kind: str, org_id: str, owner_id: str) -> str:
         return "fresh"
     with services.db.session() as session:
         stats = services.aggregates.recount(session, AGGREGATES[kind], org_id, owner_id,
-                                            reason="coalesced")
+                                            reason=reason)
     return "gone" if stats is None else "counted"
 
 

@@ -14,7 +14,7 @@ from prometheus_client import REGISTRY
 from aggregates import PROJECT_STATS, Delta
 from cache import keys
 from cache.l1 import L1Cache, read_through_l1
-from services.projects import _load_project
+from services.projects import load_project
 from services.settings_store import DEFAULTS, get_config, set_config
 from tests.cache_helpers import count_sql
 
@@ -36,7 +36,7 @@ def test_a_reader_that_loaded_before_a_write_cannot_store_its_old_value_after_it
     org, pid = admin.organization["id"], project["id"]
     loaded, stored = threading.Event(), threading.Event()
     write_done = threading.Event()
-    load_old = _load_project(org, pid)
+    load_old = load_project(org, pid)
     result = {}
 
     def slow_loader():
@@ -74,7 +74,7 @@ def test_the_stale_set_race_step_by_step(client, admin, project, services):
     lookup = services.cache.lookup(key)  # 1. reader misses
     assert not lookup.hit
     with services.db.session() as db:  # 2. reader loads the old row
-        old = _load_project(org, pid)(db)
+        old = load_project(org, pid)(db)
     client.patch(f"/api/projects/{pid}", json={"name": "New name"}, headers=admin.headers)  # 3.
     services.cache.store(lookup, old)  # 4. reader stores what it loaded
     assert services.cache.lookup(key).value is not old and not services.cache.lookup(key).hit
@@ -106,7 +106,7 @@ def run_together(n: int, fn) -> list:
 def test_50_concurrent_cold_reads_of_one_key_load_once(admin, project, services):
     org, pid = admin.organization["id"], project["id"]
     loads = []
-    load = _load_project(org, pid)
+    load = load_project(org, pid)
 
     def loader():
         loads.append(1)
@@ -192,7 +192,7 @@ def test_a_gap_asks_for_a_recount_only_once_it_has_stalled(client, admin, projec
     services.redis.hincrby(name, "gap_since", -int(GAP_PATIENCE) - 1)  # as if long ago
     stalled = client.get(f"/api/projects/{pid}/stats", headers=admin.headers)
     assert stalled.json["stale"] is True
-    assert asked == [("project", org, pid)]
+    assert asked == [("project", org, pid, "stalled_gap")]
 
     assert store.apply(Delta("project", org, pid, seq + 1, {"TODO": 1}), "test") == "applied"
     healed = store.read(PROJECT_STATS, org, pid)

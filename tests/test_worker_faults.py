@@ -128,7 +128,7 @@ def test_beat_warm_up_fills_what_it_promises_and_the_audit_corrects_drift(client
     for _ in range(3):  # reads are what makes a project "busiest"
         read_stats(client, admin, hot)
 
-    worker = launch(beat=True, WARMUP_ON_START=1, WARMUP_INTERVAL=2, DRIFT_AUDIT_INTERVAL=2)
+    worker = launch(beat=True, WARMUP_ON_START=1, WARMUP_INTERVAL=2, CACHE_AUDIT_INTERVAL=2)
     wait_until(lambda: _report(services, "worker_ready"), 20, 0.1, "the start-up warm-up")
 
     assert client.delete("/api/admin/cache", headers=admin.headers).status_code == 202

@@ -48,6 +48,9 @@ def _attach_worker(app: Flask, services: Services) -> None:
         return
     attach_publisher(services)
     register_cli(app)  # `flask --app web warm`
+    from web.cli import cache_size_command
+
+    app.cli.add_command(cache_size_command)  # `flask --app web cache-size`
 
 
 def _static_headers(app: Flask) -> None:

@@ -97,4 +97,6 @@ class TaskBase(Task):
             raise
         finally:
             metrics.tasks_total.labels(self.name, outcome).inc()
+            if outcome == "succeeded":
+                metrics.last_success.labels(self.name).set(time.time())
             metrics.task_duration.labels(self.name).observe(time.perf_counter() - started)

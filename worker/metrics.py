@@ -12,7 +12,7 @@ import logging
 import os
 
 # Imported only after worker.multiprocess.use_multiprocess_dir() in Celery processes.
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,18 @@ task_failures = Counter("celery_task_failures_total", "Tasks that failed for goo
                         ["task", "exception"])
 outbox_resent = Counter("outbox_events_resent_total", "Events the outbox sweep re-sent")
 warmup_keys = Counter("warmup_keys_filled_total", "Cache entries a warm-up filled", ["family"])
+# Beat's pulse: the outbox sweep succeeds every few seconds while beat and a worker both run.
+last_success = Gauge("celery_task_last_success_timestamp_seconds",
+                     "Unix time a task last succeeded", ["task"], multiprocess_mode="max")
+OUTCOMES = ("succeeded", "failed", "retried")
+
+
+def declare_tasks(names) -> None:
+    """Every task's outcome series exists from the start at 0: a failure ratio is 0, not no data,
+    until something fails."""
+    for name in names:
+        for outcome in OUTCOMES:
+            tasks_total.labels(name, outcome)
 
 
 class QueueLengthCollector:
@@ -66,8 +78,83 @@ class QueueLengthCollector:
         yield unacked
 
 
-def serve(broker_url: str, queues: list[str]) -> None:
-    """In the main worker process: expose the pool's metrics, summed, plus queue lengths."""
+class OutboxCollector:
+    """`outbox_unprocessed_events` and `outbox_oldest_unprocessed_age_seconds` (0 when none),
+    read from the database at scrape time (ix_outbox_processed serves both)."""
+
+    def __init__(self, database_url: str) -> None:
+        self.database_url = database_url
+        self._engine = None
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+        from sqlalchemy import create_engine, func, select
+
+        from models import OutboxEvent, utcnow
+
+        if self._engine is None:
+            self._engine = create_engine(self.database_url, pool_size=1, max_overflow=0,
+                                         pool_pre_ping=True)
+        unprocessed = OutboxEvent.processed_at.is_(None)
+        try:
+            with self._engine.connect() as conn:
+                count = conn.scalar(select(func.count()).select_from(OutboxEvent)
+                                    .where(unprocessed))
+                oldest = conn.scalar(select(OutboxEvent.created_at).where(unprocessed)
+                                     .order_by(OutboxEvent.id).limit(1))
+        except Exception as exc:  # the database is down: no figure rather than a wrong one
+            log.debug("outbox figures unavailable: %s", exc)
+            return
+        yield GaugeMetricFamily("outbox_unprocessed_events",
+                                "Outbox events the worker has not applied yet", value=count or 0)
+        age = (utcnow() - oldest).total_seconds() if oldest is not None else 0.0
+        yield GaugeMetricFamily("outbox_oldest_unprocessed_age_seconds",
+                                "Age of the oldest unprocessed outbox event (0 when none)",
+                                value=max(age, 0.0))
+
+
+class TenantMemoryCollector:
+    """`cache_tenant_memory_bytes{org}`: the busiest organizations by Redis memory and `other`,
+    as last estimated by the tenant memory task (tasks/audit.py), read from the cache Redis."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.redis_url = redis_url
+
+    def collect(self):
+        import json
+
+        import redis
+        from prometheus_client.core import GaugeMetricFamily
+
+        from tasks.audit import TENANT_MEMORY_KEY
+
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=0.5,
+                                      socket_connect_timeout=0.5)
+        try:
+            raw = client.get(TENANT_MEMORY_KEY)
+        except (redis.RedisError, OSError) as exc:
+            log.debug("tenant memory unavailable: %s", exc)
+            return
+        finally:
+            client.close()
+        if not raw:
+            return
+        report = json.loads(raw)
+        family = GaugeMetricFamily("cache_tenant_memory_bytes",
+                                   "Estimated Redis memory of an organization's cached data "
+                                   "(top organizations, the rest as other, shared: not tenant "
+                                   "data)", labels=["org"])
+        for org, size in report["bytes"].items():
+            family.add_metric([org], size)
+        yield family
+        yield GaugeMetricFamily("cache_tenant_memory_sampled_keys",
+                                "Keys the last tenant memory estimate sampled",
+                                value=report["sampled"])
+
+
+def serve(broker_url: str, queues: list[str], settings=None) -> None:
+    """In the main worker process: expose the pool's metrics, summed, plus queue lengths, the
+    outbox's backlog and the tenants' memory."""
     port = int(os.environ.get("WORKER_METRICS_PORT") or DEFAULT_PORT)
     if port == 0:
         return
@@ -76,6 +163,9 @@ def serve(broker_url: str, queues: list[str]) -> None:
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
     registry.register(QueueLengthCollector(broker_url, queues))
+    if settings is not None:
+        registry.register(OutboxCollector(settings.database_url))
+        registry.register(TenantMemoryCollector(settings.redis_url))
     try:
         start_http_server(port, addr=os.environ.get("WORKER_METRICS_ADDR", "127.0.0.1"),
                           registry=registry)

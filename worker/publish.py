@@ -2,7 +2,7 @@
 
 `attach_publisher(services)` wires three functions into `Services`:
 - `publish(outbox_ids)`: one `tasks.events.process_event` per event, after commit;
-- `extras["schedule_recount"](kind, org_id, owner_id)`: a coalesced recount;
+- `extras["schedule_recount"](kind, org_id, owner_id, reason)`: a coalesced recount;
 - `extras["warm_organization"](org_id) -> task_id`: POST /api/admin/cache/warm.
 
 A broker outage must never hold a request for long: a publish tries briefly, then gives up for a
@@ -68,7 +68,8 @@ class Publisher:
         for outbox_id in outbox_ids:
             self._send(PROCESS_EVENT, [outbox_id])
 
-    def schedule_recount(self, kind: str, org_id: str, owner_id: str) -> bool:
+    def schedule_recount(self, kind: str, org_id: str, owner_id: str,
+                         reason: str = "coalesced") -> bool:
         """Coalesced: at most one recount per aggregate is pending. The task deletes the marker
         before it counts, so a change made while it runs schedules the next run. Returns True
         when this call scheduled one. Never raises: a lost recount only delays freshness."""
@@ -83,7 +84,7 @@ class Publisher:
         except Unavailable:
             return False
         try:
-            self._send(RECOUNT, [kind, org_id, owner_id],
+            self._send(RECOUNT, [kind, org_id, owner_id, reason],
                        countdown=self.services.settings.recompute_countdown)
             return True
         except Exception as exc:

@@ -30,7 +30,8 @@ def _serve_metrics(sender=None, **_) -> None:
 
     app = sender.app
     queues = [q.name for q in app.conf.task_queues]
-    metrics.serve(app.conf.broker_url, queues)
+    metrics.declare_tasks(sorted(n for n in app.tasks if not n.startswith("celery.")))
+    metrics.serve(app.conf.broker_url, queues, getattr(app, "taskcache_settings", None))
 
 
 def _warm_up_on_start(sender=None, **_) -> None:

@@ -141,13 +141,19 @@ def metrics() -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
     from prometheus_client import REGISTRY
 
+    from cache.redis_info import RedisInfoCollector
+
     registry = REGISTRY
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-    return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+    # Read at scrape time, not kept in any process: a registry of its own for each scrape.
+    live = CollectorRegistry()
+    live.register(RedisInfoCollector(services().redis))
+    return Response(generate_latest(registry) + generate_latest(live),
+                    mimetype=CONTENT_TYPE_LATEST)
 
 
 def _json(data: dict, status: int) -> Response:
