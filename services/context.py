@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import redis
+from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.retry import Retry
 
 from aggregates import AggregateStore
 from cache.breaker import CircuitBreaker
@@ -28,7 +31,7 @@ def _no_publisher(outbox_ids: Sequence[int]) -> None:
 class Services:
     settings: Settings
     db: Database
-    redis: redis.Redis
+    redis: redis.Redis | RedisCluster
     cache: RedisCache
     aggregates: AggregateStore
     l1: L1Cache
@@ -43,11 +46,21 @@ class Services:
         self.redis.close()
 
 
-def redis_client(settings: Settings, **overrides) -> redis.Redis:
+def redis_client(settings: Settings, **overrides) -> redis.Redis | RedisCluster:
+    """The cache's client: a Redis Cluster when REDIS_CLUSTER_URL names one, else REDIS_URL. Both
+    run the same commands, scripts and key names."""
     options = dict(socket_timeout=settings.redis_socket_timeout,
                    socket_connect_timeout=settings.redis_socket_timeout,
                    retry_on_timeout=False, health_check_interval=0)
     options.update(overrides)
+    if settings.redis_cluster_url:
+        from stack.redis_cluster import parse_cluster_url
+
+        seeds = [ClusterNode(host, port) for host, port in parse_cluster_url(settings.redis_cluster_url)]
+        # One retry: enough to follow a failover's new slot map, short enough for the breaker
+        # to see a dead shard instead of a request waiting through the cluster's own backoff.
+        return RedisCluster(startup_nodes=seeds, require_full_coverage=False,
+                            retry=Retry(NoBackoff(), 1), **options)
     return redis.Redis.from_url(settings.redis_url, **options)
 
 

@@ -16,6 +16,7 @@ os.environ.setdefault("PASSWORD_HASH_MEMORY_KIB", "1024")  # argon2 stays argon2
 
 from config import Settings  # noqa: E402
 from db.migrations import upgrade  # noqa: E402
+from stack.redis_cluster import RedisCluster  # noqa: E402
 from stack.redis_server import RedisServer  # noqa: E402
 
 MARIADB_ADMIN_URL = os.environ.get("TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306")
@@ -31,6 +32,14 @@ def redis_server():
     server = RedisServer.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """A private Redis Cluster (3 masters, 1 replica each) for the session."""
+    cluster = RedisCluster.start()
+    yield cluster
+    cluster.stop()
 
 
 @contextmanager
