@@ -50,6 +50,9 @@ class Settings:
     # Debounce window for coalesced aggregate recomputes.
     recompute_countdown: float = 0.2
     login_failures_per_minute: int = 10
+    # Seconds a process keeps the counters every request touches (hit tally, busiest projects)
+    # before writing them to Redis in one batch (0: on every request).
+    counter_flush_interval: float = 1.0
 
     def with_overrides(self, **changes) -> "Settings":
         return replace(self, **changes)

@@ -57,10 +57,11 @@ def redis_client(settings: Settings, **overrides) -> redis.Redis | RedisCluster:
         from stack.redis_cluster import parse_cluster_url
 
         seeds = [ClusterNode(host, port) for host, port in parse_cluster_url(settings.redis_cluster_url)]
+        options.pop("retry_on_timeout", None)  # deprecated on a cluster: timeouts are retried
         # One retry: enough to follow a failover's new slot map, short enough for the breaker
         # to see a dead shard instead of a request waiting through the cluster's own backoff.
-        return RedisCluster(startup_nodes=seeds, require_full_coverage=False,
-                            retry=Retry(NoBackoff(), 1), **options)
+        options.setdefault("retry", Retry(NoBackoff(), 1))
+        return RedisCluster(startup_nodes=seeds, require_full_coverage=False, **options)
     return redis.Redis.from_url(settings.redis_url, **options)
 
 
@@ -69,12 +70,13 @@ def build_services(settings: Settings, *, subscribe_l1: bool = True) -> Services
     client = redis_client(settings)
     breaker = CircuitBreaker(settings.breaker_cooldown)
     cache_cls = RedisCache if settings.cache_enabled else DisabledCache
-    cache = cache_cls(client, breaker)
+    cache = cache_cls(client, breaker, counter_interval=settings.counter_flush_interval)
     l1 = L1Cache()
     services = Services(settings, db, client, cache, AggregateStore(cache), l1)
     if subscribe_l1 and settings.cache_enabled:
         # Pub/sub blocks on reads: its connection must not share the request timeout.
-        listener = redis_client(settings, socket_timeout=None)
+        # Nor retry by itself: a lost connection must surface so that the L1 is cleared.
+        listener = redis_client(settings, socket_timeout=None, retry=Retry(NoBackoff(), 0))
         services.l1_subscriber = L1Subscriber(listener, l1).start()
         # Subscribing clears the L1 (what was published before is unknown): let that happen
         # before the first request fills it, or the first values are dropped again at once.

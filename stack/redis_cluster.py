@@ -198,6 +198,12 @@ class RedisCluster:
                 return False
         return True
 
+    def flushall(self) -> None:
+        """Empty every running master (their replicas follow)."""
+        for node in self.running_nodes():
+            if node.client().info("replication").get("role") == "master":
+                node.ask("FLUSHALL")
+
     # -- health and failover -----------------------------------------------------------------
     def running_nodes(self) -> list[ClusterNode]:
         return [node for node in self.nodes if node.server.is_running()]

@@ -73,14 +73,27 @@ def database_url(request, tmp_path_factory):
         yield url
 
 
+def redis_mode() -> str:
+    """TEST_REDIS=cluster runs the cache on a private Redis Cluster (the broker stays on the
+    private redis-server); the default is the single private redis-server."""
+    return os.environ.get("TEST_REDIS", "single").strip().lower() or "single"
+
+
 @pytest.fixture
-def settings(database_url, redis_server) -> Settings:
+def settings(request, database_url, redis_server) -> Settings:
     import redis
 
     redis.Redis.from_url(redis_server.url_for(0)).flushall()
+    cluster_url = None
+    if redis_mode() == "cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        cluster.flushall()
+        cluster_url = cluster.url
+    # Counters flushed on every request: a test reads them right after (their batching has
+    # tests of its own).
     return Settings(database_url=database_url, redis_url=redis_server.url_for(0),
                     celery_broker_url=redis_server.url_for(1), secret_key="test-secret-" + "x" * 32,
-                    breaker_cooldown=0.5)
+                    breaker_cooldown=0.5, redis_cluster_url=cluster_url, counter_flush_interval=0)
 
 
 @pytest.fixture
