@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol, Sequence, TypeVar
 
 import redis
+from redis.cluster import ClusterPipeline
 
 from cache import codec, metrics
 from cache.breaker import CircuitBreaker
@@ -113,10 +114,15 @@ def unwrap(stored: bytes | None, tokens: str) -> bytes | None:
 
 
 def queue_evalsha(pipe, sha: str, keys: Sequence[str], args: Sequence) -> None:
-    """EVALSHA on a pipeline, plain or cluster. redis-py's ClusterPipeline refuses `.evalsha()`
-    (redis/redis-py#2914, allowed upstream by #4206 after 8.1) though it routes EVALSHA by its
-    keys; the generic command goes through that routing. All `keys` must share a slot."""
-    pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+    """EVALSHA on a pipeline, plain or cluster; all `keys` share a slot. redis-py 8.1's
+    ClusterPipeline refuses `.evalsha()` (redis/redis-py#2914, allowed upstream by #4206), and
+    routes the generic command by asking a node COMMAND GETKEYS first, a round trip per script;
+    so a cluster pipeline is told the node serving the keys' slot from the client's slot map."""
+    if isinstance(pipe, ClusterPipeline):
+        pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args,
+                             target_nodes=pipe.get_node_from_key(keys[0]))
+    else:
+        pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
 
 
 def event_marker(tag: str, event_id: str) -> str:
