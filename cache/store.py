@@ -24,7 +24,7 @@ from redis.cluster import ClusterPipeline
 
 from cache import codec, metrics
 from cache.breaker import CircuitBreaker
-from cache.keys import Key, hash_tag, org_generation
+from cache.keys import Key, hash_tag, org_generations
 
 log = logging.getLogger(__name__)
 
@@ -272,8 +272,7 @@ class RedisCache:
         if not owed:
             return
         try:
-            for org_id in sorted(owed):  # one slot per organization
-                self._bump(keys=[org_generation(org_id)], args=[_token(), VERSION_TTL, "0"])
+            self._bump_per_slot([g for org_id in sorted(owed) for g in org_generations(org_id)])
             log.warning("purged %d organizations whose invalidations failed during an outage",
                         len(owed))
         except redis.RedisError:
@@ -453,22 +452,8 @@ class RedisCache:
         versions = sorted(set(versions))
         if not versions:
             return True
-        by_slot: dict[str, list[str]] = {}
-        for version in versions:
-            by_slot.setdefault(hash_tag(version), []).append(version)
-
-        def bump() -> int:
-            # One script per hash slot (an event's versions are normally one organization's),
-            # each with that slot's applied-once marker.
-            applied = 0
-            token = _token()
-            for tag, names in by_slot.items():
-                marked = [*names, event_marker(tag, event_id)] if event_id else names
-                applied |= int(self._bump(keys=marked,
-                                          args=[token, VERSION_TTL, "1" if event_id else "0"]))
-            return applied
         try:
-            applied = self.call("invalidate", bump)
+            applied = self.call("invalidate", lambda: self._bump_per_slot(versions, event_id))
         except Unavailable:
             with self._owed_lock:
                 self._owed_purges.update(org_ids)
@@ -477,8 +462,30 @@ class RedisCache:
             metrics.invalidations.labels(family, source).inc(len(versions))
         return True
 
+    def _bump_per_slot(self, versions: Sequence[str], event_id: str | None = None) -> bool:
+        """Replace the tokens of `versions`: one script per hash slot (an event's versions span
+        the slices of its entities; a purge, every slice), each with that slot's applied-once
+        marker of the event, all in one pipeline. True if any slot applied it."""
+        by_slot: dict[str, list[str]] = {}
+        for version in versions:
+            by_slot.setdefault(hash_tag(version), []).append(version)
+        token = _token()
+        for attempt in (1, 2):
+            pipe = self.client.pipeline(transaction=False)
+            for tag, names in by_slot.items():
+                marked = [*names, event_marker(tag, event_id)] if event_id else names
+                queue_evalsha(pipe, self._bump.sha, marked,
+                              [token, VERSION_TTL, "1" if event_id else "0"])
+            try:
+                return any(int(applied) for applied in pipe.execute())
+            except redis.exceptions.NoScriptError:
+                if attempt == 2:
+                    raise
+                self.client.script_load(_BUMP)
+        raise AssertionError("unreachable")
+
     def purge_organization(self, org_id: str) -> bool:
-        return self.invalidate([org_generation(org_id)], org_ids=[org_id], family="organization",
+        return self.invalidate(org_generations(org_id), org_ids=[org_id], family="organization",
                                source="purge")
 
     def ping(self) -> bool:

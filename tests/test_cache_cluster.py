@@ -63,36 +63,39 @@ def sign_up(client) -> Account:
     return Account(body["access_token"], body["user"], body["organization"], email)
 
 
-def slot_of(client, name: str) -> int:
-    return client.keyslot(name)
-
-
 # -- where the keys are -------------------------------------------------------------------------------
-def test_an_organizations_keys_share_one_slot_and_organizations_spread(instances, redis_cluster):
+def test_each_value_shares_a_slot_with_its_versions_and_organizations_spread(instances,
+                                                                           redis_cluster):
     (a, services), _ = instances
-    accounts = [sign_up(a) for _ in range(12)]
+    accounts = [sign_up(a) for _ in range(3)]
     for account in accounts:
-        project = a.post("/api/projects", json={"name": "P"}, headers=account.headers).json
-        a.post(f"/api/projects/{project['id']}/tasks", json={"title": "T"},
-               headers=account.headers)
-        for url in (f"/api/projects/{project['id']}", f"/api/projects/{project['id']}/tasks",
-                    f"/api/projects/{project['id']}/stats", "/api/me", "/api/projects"):
-            assert a.get(url, headers=account.headers).status_code == 200
+        for n in range(4):
+            project = a.post("/api/projects", json={"name": f"P{n}"},
+                             headers=account.headers).json
+            a.post(f"/api/projects/{project['id']}/tasks", json={"title": "T"},
+                   headers=account.headers)
+            for url in (f"/api/projects/{project['id']}", f"/api/projects/{project['id']}/tasks",
+                        f"/api/projects/{project['id']}/stats", "/api/me", "/api/projects"):
+                assert a.get(url, headers=account.headers).status_code == 200
     rc = services.redis
-    by_org: dict[str, set[int]] = {}
+    org = accounts[0].organization["id"]
+    project = a.get("/api/projects", headers=accounts[0].headers).json["items"][0]
+    for key in (keys.project(org, project["id"]), keys.session(org, "u", "s"),
+                keys.project_tasks(org, project["id"], status=None, assignee_id=None, limit=50,
+                                   cursor=None), keys.member_list(org, limit=50, cursor=None)):
+        assert len({rc.keyslot(name) for name in (key.name, *key.versions)}) == 1, key
+    slots_by_org: dict[str, set[int]] = {}
+    per_master = Counter()
     for node in redis_cluster.masters:
         for name in node.client().scan_iter(count=1000):
             name = name.decode()
             tag = keys.hash_tag(name)
             if tag.startswith("{o:"):
-                by_org.setdefault(tag, set()).add(slot_of(rc, name))
-    mine = {keys.org_tag(acc.organization["id"]) for acc in accounts}
-    assert mine <= set(by_org)
-    assert all(len(by_org[tag]) == 1 for tag in mine), by_org  # one slot per organization
-    per_master = Counter()
-    for tag in mine:
-        per_master[rc.get_node_from_key(tag).name] += 1
-    assert len(per_master) >= 2, per_master  # 12 organizations do not all land on one master
+                slots_by_org.setdefault(tag.split(":")[1], set()).add(rc.keyslot(name))
+                per_master[node.address] += 1
+    mine = [acc.organization["id"] for acc in accounts]
+    assert all(1 < len(slots_by_org[o]) <= keys.ORG_SLICES for o in mine), slots_by_org
+    assert len(per_master) == len(redis_cluster.masters), per_master  # every master holds keys
 
 
 # -- consistency across instances ----------------------------------------------------------------------
@@ -233,7 +236,7 @@ def test_killing_a_master_degrades_to_misses_then_its_replica_serves_with_no_sta
         client.get(f"{url}/stats", headers=admin.headers)
     assert b.get(url, headers=admin.headers).headers["X-Cache"] == "HIT-L2"
 
-    org_key = keys.org_generation(admin.organization["id"])
+    org_key = keys.project(admin.organization["id"], project["id"]).name
     dead = redis_cluster.kill_master_of(org_key)
     try:
         # Until the replica is promoted (node timeout 2 s): every request answers from the
