@@ -16,7 +16,7 @@ from cache import keys
 from config import Settings
 from services.context import build_services
 from stack.redis_cluster import SLOTS
-from tests.conftest import Account
+from conftest import Account
 from web import create_app
 
 pytestmark = pytest.mark.slow

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.cache_helpers import count_round_trips, count_sql
-from tests.conftest import redis_mode
+from conftest import redis_mode
 
 
 @pytest.fixture

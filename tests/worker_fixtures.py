@@ -144,7 +144,7 @@ def broker():
 def worker(request, database_url, redis_server, broker, tmp_path_factory):
     """One worker for a test module and a database backend (on the tests' Redis Cluster with
     TEST_REDIS=cluster)."""
-    from tests.conftest import redis_mode
+    from conftest import redis_mode
 
     extra = {}
     if redis_mode() == "cluster":
