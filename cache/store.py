@@ -154,10 +154,6 @@ class Lookup:
     value: Any = MISSING
 
     @property
-    def answered(self) -> bool:
-        return self.tokens is not None
-
-    @property
     def hit(self) -> bool:
         return self.value is not MISSING
 
