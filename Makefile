@@ -11,7 +11,7 @@ BENCH_ARGS ?=
 PYTEST_ARGS ?=
 QUICK ?=
 
-.PHONY: install up test bench ops-check lock clean
+.PHONY: install up test test-cluster bench ops-check lock clean
 
 install: $(UV)
 	@$(UV) sync --frozen --quiet
@@ -27,6 +27,10 @@ up: install
 test: install
 	@echo "TEST_DATABASES=$${TEST_DATABASES:-(unset: the tests' default)}"
 	$(VENV_PYTHON) -m pytest $(PYTEST_ARGS)
+
+# The cache, API and worker tests with the cache on a private Redis Cluster (3 masters + replicas).
+test-cluster: install
+	TEST_REDIS=cluster $(VENV_PYTHON) -m pytest tests/test_cache_*.py tests/test_api_*.py tests/test_worker_pipeline.py $(PYTEST_ARGS)
 
 # Installs wrk (Debian's package) itself when missing; its own database and redis-server. BENCHMARKS.md.
 bench: install

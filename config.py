@@ -32,6 +32,9 @@ def _flag(value: str | None, default: bool) -> bool:
 class Settings:
     database_url: str = DEFAULT_DATABASE_URL
     redis_url: str = DEFAULT_REDIS_URL
+    # Seed nodes of a Redis Cluster ("redis://h1:p1,redis://h2:p2"): when set, the cache, its L1
+    # channel and the login rate limit use it instead of redis_url (which the broker may still use).
+    redis_cluster_url: str | None = None
     celery_broker_url: str = _redis_db(DEFAULT_REDIS_URL, 1)
     secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
     web_port: int = 8000
@@ -55,6 +58,9 @@ class Settings:
     login_failures_per_address: int = 30
     # Addresses/networks of reverse proxies whose X-Forwarded-For is believed; none by default.
     trusted_proxies: tuple[str, ...] = ()
+    # Seconds a process keeps the counters every request touches (hit tally, busiest projects)
+    # before writing them to Redis in one batch (0: on every request).
+    counter_flush_interval: float = 1.0
 
     def with_overrides(self, **changes) -> "Settings":
         return replace(self, **changes)
@@ -66,6 +72,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     return Settings(
         database_url=env.get("DATABASE_URL") or DEFAULT_DATABASE_URL,
         redis_url=redis_url,
+        redis_cluster_url=env.get("REDIS_CLUSTER_URL") or None,
         celery_broker_url=env.get("CELERY_BROKER_URL") or _redis_db(redis_url, 1),
         secret_key=env.get("SECRET_KEY") or _dev_secret_key(),
         web_port=int(env.get("WEB_PORT") or 8000),

@@ -81,11 +81,11 @@ def cache_report(ctx) -> dict:
     breaker = ctx.cache.breaker.state
     try:
         def probe():
+            ctx.cache.flush_counters()  # this process's pending tally counts too
             pipe = ctx.redis.pipeline(transaction=False)
-            pipe.info()
             pipe.hgetall(tally_key())
             pipe.hgetall(tally_key(1))
-            return pipe.execute()
+            return (server_info(ctx.redis), *pipe.execute())
         info, now, before = ctx.cache.call("health", probe)
     except Exception as exc:
         return {"status": "unhealthy", "hit_rate": None, "memory_used_mb": None,
@@ -134,6 +134,18 @@ def server_address(url: str) -> tuple[str, int | str]:
         return ("unix", parts.path)
     host = (parts.hostname or "127.0.0.1").lower()
     return ("127.0.0.1" if host == "localhost" else host, parts.port or 6379)
+def server_info(client) -> dict:
+    """INFO of a single Redis; of a cluster, summed over its masters (memory, clients, evictions)."""
+    from redis.cluster import RedisCluster
+
+    if not isinstance(client, RedisCluster):
+        return client.info()
+    per_node = list(client.info(target_nodes=RedisCluster.PRIMARIES).values())
+    summed = dict(per_node[0])
+    for field in ("used_memory", "connected_clients", "evicted_keys"):
+        summed[field] = sum(int(info.get(field, 0)) for info in per_node)
+    summed["cluster_masters"] = len(per_node)
+    return summed
 
 
 @bp.get("/metrics")
