@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
@@ -47,6 +48,8 @@ class Settings:
     # Debounce window for coalesced aggregate recomputes.
     recompute_countdown: float = 0.2
     login_failures_per_minute: int = 10
+    # Named in every answer's X-Instance header (unique per API server behind a balancer).
+    instance_name: str = field(default_factory=socket.gethostname)
 
     def with_overrides(self, **changes) -> "Settings":
         return replace(self, **changes)
@@ -66,7 +69,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         cache_enabled=_flag(env.get("CACHE_ENABLED"), True),
         access_token_ttl=int(env.get("ACCESS_TOKEN_TTL") or 900),
         recompute_countdown=float(env.get("RECOMPUTE_COUNTDOWN") or 0.2),
+        instance_name=env.get("INSTANCE_NAME") or _default_instance_name(env),
     )
+
+
+def _default_instance_name(env: Mapping[str, str]) -> str:
+    return f"{socket.gethostname()}:{env.get('WEB_PORT') or 8000}"
 
 
 def _dev_secret_key() -> str:
