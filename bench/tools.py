@@ -12,6 +12,7 @@ import sys
 from bench.progress import log
 from stack.apt import ToolMissing, ensure_tool
 
+
 def ensure_wrk() -> str:
     """The path of wrk, installing Debian's package first when it is missing and we are root."""
     return ensure_tool("wrk", "wrk", log)
