@@ -33,6 +33,9 @@ task_ignore_result = True
 task_store_errors_even_if_ignored = False
 worker_hijack_root_logger = False
 broker_connection_retry_on_startup = True
+# A broker outage of any length must not end a worker or beat: reconnect forever (the consumer
+# backs off up to broker_connection_retry's interval_max, 30 s, between tries), never give up.
+broker_connection_max_retries = None
 
 # Flower and `celery events` need these.
 worker_send_task_events = True

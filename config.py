@@ -50,6 +50,10 @@ class Settings:
     login_failures_per_minute: int = 10
     # Named in every answer's X-Instance header (unique per API server behind a balancer).
     instance_name: str = field(default_factory=socket.gethostname)
+    # Where `make up` binds the API and Flower: loopback unless set (0.0.0.0 for every interface).
+    bind_address: str = "127.0.0.1"
+    # The user `make up` runs its children as when started by root ("root" keeps root).
+    stack_user: str = "nobody"
 
     def with_overrides(self, **changes) -> "Settings":
         return replace(self, **changes)
@@ -70,6 +74,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         access_token_ttl=int(env.get("ACCESS_TOKEN_TTL") or 900),
         recompute_countdown=float(env.get("RECOMPUTE_COUNTDOWN") or 0.2),
         instance_name=env.get("INSTANCE_NAME") or _default_instance_name(env),
+        bind_address=env.get("BIND_ADDRESS") or "127.0.0.1",
+        stack_user=env.get("STACK_USER") if env.get("STACK_USER") is not None else "nobody",
     )
 
 

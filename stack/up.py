@@ -1,9 +1,10 @@
 """`make up`: the whole system in the foreground.
 
 Migrates and seeds the database, then runs the API (gunicorn), one Celery worker, exactly one beat
-and Flower as child processes; starts a private redis-server when no Redis answers at REDIS_URL.
-Ctrl-C, SIGTERM, or any child exiting stops everything; a child dying makes the exit status
-non-zero.
+and Flower as supervised child processes (stack/supervisor.py: a child that exits is restarted
+with backoff; only Ctrl-C or SIGTERM stops everything). Unless REDIS_URL / CELERY_BROKER_URL are
+set, it starts private redis-servers: one for the cache (maxmemory, allkeys-lru) and one for the
+broker (noeviction). As root, the children run as STACK_USER (nobody) when that user can.
 
     python -m stack.up [--no-workers] [--print-config]
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import pwd
 import secrets
 import shutil
 import signal
@@ -21,17 +23,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from config import Settings, load_settings
-from stack.redis_server import (
-    RedisServer,
-    RedisServerMissing,
-    preexec_for_this_thread,
-    redis_answers,
-)
+from stack.redis_server import RedisServer, RedisServerMissing
+from stack.supervisor import StopRequest, Supervisor
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # STACK_VAR_DIR gives a second stack (the benchmark's) its own metric files and beat schedule, so
@@ -45,8 +42,8 @@ BIN_DIR = Path(sys.executable).parent
 WSGI_APP = "web:create_app()"
 CELERY_APP = "worker.celery_app"
 WORKER_QUEUES = "invalidate,recompute,warmup,celery"
-STOP_TIMEOUT = 10.0
-POLL_INTERVAL = 0.25
+# The private cache Redis: bounded, evicting the least recently used keys when full.
+CACHE_MAXMEMORY = "256mb"
 REDACTED = "***"
 
 
@@ -97,8 +94,9 @@ def redacted_settings(settings: Settings) -> dict[str, object]:
 def print_config(settings: Settings) -> None:
     for name, value in redacted_settings(settings).items():
         print(f"{name} = {value}")
-    if not redis_answers(settings.redis_url):
-        print("# no Redis answers at redis_url: `make up` would start a private redis-server")
+    for variable, name in (("REDIS_URL", "cache"), ("CELERY_BROKER_URL", "broker")):
+        if not os.environ.get(variable):
+            print(f"# {variable} unset: `make up` would start a private {name} redis-server")
     if settings.flower_basic_auth is None:
         print("# flower_basic_auth unset: `make up` would generate one for the run")
 
@@ -112,23 +110,30 @@ def export(**values: object) -> None:
 # --- Redis, database, Flower auth -------------------------------------------------------------
 
 
-def ensure_redis(settings: Settings) -> RedisServer | None:
-    """Start a private redis-server for whichever of cache and broker does not answer."""
-    cache_answers = redis_answers(settings.redis_url)
-    broker_answers = redis_answers(settings.celery_broker_url)
-    if cache_answers and broker_answers:
-        log(f"using Redis at {redact_url(settings.redis_url)}")
-        return None
-    # One server holds both the cache (db 0) and the broker (db 1), and the broker must never lose
-    # a queue to eviction; no maxmemory is set, so nothing is evicted anyway.
-    server = RedisServer.start(maxmemory_policy="noeviction")
-    log(f"no Redis answers at {redact_url(settings.redis_url)}: "
-        f"started a private redis-server on port {server.port} (pid {server.pid})")
-    if not cache_answers:
-        export(REDIS_URL=server.url_for(0))
-    if not broker_answers:
-        export(CELERY_BROKER_URL=server.url_for(1))
-    return server
+def ensure_redis(env=os.environ) -> list[RedisServer]:
+    """A private redis-server for each of REDIS_URL and CELERY_BROKER_URL that is not set; set
+    URLs are used as given. Two servers, not two databases of one: the cache must evict when
+    full (allkeys-lru), the broker must never lose a queue (noeviction), and the policy is per
+    server."""
+    started = []
+    if env.get("REDIS_URL"):
+        log(f"cache Redis: {redact_url(env['REDIS_URL'])}")
+    else:
+        cache = RedisServer.start(maxmemory_policy="allkeys-lru",
+                                  extra_args=["--maxmemory", CACHE_MAXMEMORY])
+        started.append(cache)
+        export(REDIS_URL=cache.url_for(0))
+        log(f"REDIS_URL unset: started a private cache redis-server on port {cache.port} "
+            f"(pid {cache.pid}, maxmemory {CACHE_MAXMEMORY}, allkeys-lru)")
+    if env.get("CELERY_BROKER_URL"):
+        log(f"broker Redis: {redact_url(env['CELERY_BROKER_URL'])}")
+    else:
+        broker = RedisServer.start(maxmemory_policy="noeviction")
+        started.append(broker)
+        export(CELERY_BROKER_URL=broker.url_for(0))
+        log(f"CELERY_BROKER_URL unset: started a private broker redis-server on port "
+            f"{broker.port} (pid {broker.pid}, noeviction)")
+    return started
 
 
 def migrate_database(settings: Settings) -> None:
@@ -171,19 +176,9 @@ def fresh_prometheus_dir() -> Path:
 # --- child processes ----------------------------------------------------------------------------
 
 
-@dataclass
-class Child:
-    name: str
-    process: subprocess.Popen
-
-    @property
-    def pgid(self) -> int:
-        return self.process.pid  # each child leads its own session and process group
-
-
 def web_command(settings: Settings) -> list[str]:
     return [str(BIN_DIR / "gunicorn"), "-c", str(GUNICORN_CONF), WSGI_APP,
-            "--bind", f"0.0.0.0:{settings.web_port}"]
+            "--bind", f"{settings.bind_address}:{settings.web_port}"]
 
 
 def celery_command(*args: str) -> list[str]:
@@ -195,8 +190,10 @@ def worker_commands(settings: Settings, flower_auth: str) -> dict[str, list[str]
         "worker": celery_command("worker", "-Q", WORKER_QUEUES, "-E", "--concurrency", "2",
                                  "--loglevel", "INFO"),
         "beat": celery_command("beat", "--loglevel", "INFO", "--schedule", str(BEAT_SCHEDULE)),
-        "flower": celery_command("flower", f"--port={settings.flower_port}",
-                                 f"--basic-auth={flower_auth}"),
+        # worker.flower: Flower with /metrics and /healthcheck behind its basic auth as well.
+        "flower": [str(BIN_DIR / "python"), "-m", "worker.flower",
+                   f"--address={settings.bind_address}", f"--port={settings.flower_port}",
+                   f"--basic-auth={flower_auth}"],
     }
 
 
@@ -211,7 +208,7 @@ def child_env(name: str) -> dict[str, str]:
     return env
 
 
-def printable(command: list[str]) -> str:
+def printable(command) -> str:
     return " ".join(redact_flower_flag(arg) for arg in command)
 
 
@@ -220,102 +217,65 @@ def redact_flower_flag(arg: str) -> str:
     return f"{flag}={redact_basic_auth(value)}" if flag == "--basic-auth" else arg
 
 
-def spawn(name: str, command: list[str]) -> Child:
-    """In its own session, so a terminal's Ctrl-C reaches only this supervisor, which then stops
-    every child's whole process group; and with a parent-death signal, so that `kill -9` of the
-    supervisor orphans nothing."""
-    if not Path(command[0]).exists():
-        raise SystemExit(f"[up] {command[0]} not found: run `make install`")
-    process = subprocess.Popen(
-        command,
-        cwd=PROJECT_ROOT,
-        env=child_env(name),
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-        preexec_fn=preexec_for_this_thread(),
-    )
-    log(f"started {name} (pid {process.pid}): {printable(command)}")
-    return Child(name, process)
+# --- running as an unprivileged user ------------------------------------------------------------
 
 
-def signal_group(child: Child, signum: int) -> None:
+def unprivileged_user(settings: Settings) -> str | None:
+    """The user the children run as when `make up` runs as root (STACK_USER, default nobody), or
+    None: not root, STACK_USER=root, or that user cannot run the project's Python (checked by
+    running it; the reason is logged)."""
+    if os.geteuid() != 0 or settings.stack_user in ("", "root"):
+        return None
+    user = settings.stack_user
     try:
-        os.killpg(child.pgid, signum)
-    except ProcessLookupError:
-        pass
-
-
-def group_alive(child: Child) -> bool:
-    """The leader may be gone while its workers (gunicorn, Celery prefork) are still exiting."""
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        log(f"STACK_USER {user!r} does not exist: the stack runs as root")
+        return None
+    python = BIN_DIR / "python"
     try:
-        os.killpg(child.pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        probe = subprocess.run(
+            [str(python), "-c", "import celery, flower, gunicorn, config"], cwd=PROJECT_ROOT,
+            env=child_env("probe"), user=entry.pw_uid, group=entry.pw_gid, extra_groups=[],
+            capture_output=True, text=True, timeout=60)
+        failure = None if probe.returncode == 0 else (
+            (probe.stderr.strip().splitlines() or [f"exit code {probe.returncode}"])[-1])
+    except OSError as exc:
+        failure = str(exc)
+    if failure is not None:
+        log(f"running as root: {user} cannot run {python} (that is {python.resolve()}): "
+            f"{failure}")
+        return None
+    return user
 
 
-def wait_for_groups(children: list[Child], deadline: float) -> list[Child]:
-    """Wait until every group has exited or the deadline passes; return the ones still alive."""
-    while True:
-        for child in children:
-            child.process.poll()  # reap leaders, so that their group can disappear
-        alive = [child for child in children if group_alive(child)]
-        if not alive or time.monotonic() >= deadline:
-            return alive
-        time.sleep(0.1)
-
-
-def stop_children(children: list[Child]) -> None:
-    """SIGTERM to every process group, up to STOP_TIMEOUT for a graceful exit, then SIGKILL."""
-    if not children:
-        return
-    log(f"stopping {', '.join(child.name for child in children)}")
-    for child in children:
-        signal_group(child, signal.SIGTERM)
-    for child in wait_for_groups(children, time.monotonic() + STOP_TIMEOUT):
-        log(f"{child.name} still running after {STOP_TIMEOUT:.0f} s: killing it")
-        signal_group(child, signal.SIGKILL)
-    for child in children:
-        child.process.wait()
+def hand_files_to(user: str, settings: Settings) -> None:
+    """What the children write becomes the user's: var/ (metric files, beat schedule, the
+    development secret key and SQLite file) and the directory of an SQLite file elsewhere (SQLite
+    creates its journal beside the file)."""
+    entry = pwd.getpwnam(user)
+    tops = [VAR_DIR]
+    if settings.database_url.startswith("sqlite:///"):
+        tops.append(Path(settings.database_url.removeprefix("sqlite:///")).parent)
+    for top in tops:
+        for root, dirs, files in os.walk(top):
+            for name in [root, *(os.path.join(root, f) for f in dirs + files)]:
+                os.chown(name, entry.pw_uid, entry.pw_gid)
 
 
 # --- supervision --------------------------------------------------------------------------------
 
 
-class StopRequest:
-    """SIGINT/SIGTERM set a flag the main loop reads; a second signal aborts whatever step is
-    running (a hung migration, say) by raising KeyboardInterrupt, and cleanup still runs."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self._handle)
-
-    def _handle(self, signum: int, _frame) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def ignore_further(self) -> None:
-        """While stopping, signals only record: stopping is bounded (STOP_TIMEOUT, then SIGKILL)
-        and must not be cut short, or children would outlive the supervisor."""
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self._record)
-
-    def _record(self, signum: int, _frame) -> None:
-        if self.signum is None:
-            self.signum = signum
-
-    def __bool__(self) -> bool:
-        return self.signum is not None
+def local_host(settings: Settings) -> str:
+    """Where this machine reaches what binds to BIND_ADDRESS."""
+    return "127.0.0.1" if settings.bind_address in ("0.0.0.0", "::", "") else settings.bind_address
 
 
 def api_answers(settings: Settings) -> bool:
     """Any HTTP answer counts: the server is up, and /health's own status is for monitors."""
+    url = f"http://{local_host(settings)}:{settings.web_port}/health"
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{settings.web_port}/health", timeout=0.5):
+        with urllib.request.urlopen(url, timeout=0.5):
             return True
     except urllib.error.HTTPError:
         return True
@@ -324,57 +284,20 @@ def api_answers(settings: Settings) -> bool:
 
 
 def print_urls(settings: Settings, with_workers: bool) -> None:
-    base = f"http://127.0.0.1:{settings.web_port}"
+    base = f"http://{local_host(settings)}:{settings.web_port}"
     log(f"API      {base}/api")
     log(f"docs     {base}/docs")
     log(f"metrics  {base}/metrics")
     if with_workers:
-        log(f"Flower   http://127.0.0.1:{settings.flower_port}/")
+        log(f"Flower   http://{local_host(settings)}:{settings.flower_port}/")
     log("Ctrl-C stops everything")
 
 
-def first_exited(children: list[Child]) -> Child | None:
-    return next((child for child in children if child.process.poll() is not None), None)
-
-
-def supervise(
-    children: list[Child], stop: StopRequest, settings: Settings, with_workers: bool
-) -> int:
-    """Block until a signal (exit 0) or a child's exit (exit 1); print the URLs once the API
-    answers."""
-    announced = False
-    while not stop:
-        exited = first_exited(children)
-        if exited is not None:
-            log(f"{exited.name} exited unexpectedly (code {exited.process.returncode}): "
-                "stopping everything")
-            return 1
-        if not announced and api_answers(settings):
-            print_urls(settings, with_workers)
-            announced = True
-        time.sleep(POLL_INTERVAL)
-    log(f"received {signal.Signals(stop.signum).name}: stopping")
-    return 0
-
-
-def start_children(children: list[Child], settings: Settings, with_workers: bool,
-                   stop: StopRequest) -> None:
-    """Appends each child as soon as it runs: the caller stops `children` whatever happens."""
-    commands = {"web": web_command(settings)}
-    if with_workers:
-        commands.update(worker_commands(settings, flower_basic_auth(settings)))
-    fresh_prometheus_dir()
-    for name, command in commands.items():
-        if stop:
-            return
-        children.append(spawn(name, command))
-
-
 def run(args: argparse.Namespace, stop: StopRequest) -> int:
-    children: list[Child] = []
-    redis_server = None
+    supervisor = Supervisor(log, printable=printable)
+    redis_servers: list[RedisServer] = []
     try:
-        redis_server = ensure_redis(load_settings())
+        redis_servers = ensure_redis()
         settings = load_settings()
         export(SECRET_KEY=settings.secret_key, DATABASE_URL=settings.database_url,
                WEB_PORT=settings.web_port, FLOWER_PORT=settings.flower_port)
@@ -382,14 +305,34 @@ def run(args: argparse.Namespace, stop: StopRequest) -> int:
         if not stop:
             seed_database(settings)
         VAR_DIR.mkdir(exist_ok=True)
-        start_children(children, settings, not args.no_workers, stop)
-        return supervise(children, stop, settings, not args.no_workers)
+        fresh_prometheus_dir()
+        user = unprivileged_user(settings)
+        if user is not None:
+            hand_files_to(user, settings)
+        commands = {"web": web_command(settings)}
+        if not args.no_workers:
+            commands.update(worker_commands(settings, flower_basic_auth(settings)))
+        for name, command in commands.items():
+            if stop:
+                break
+            supervisor.add(name, command, child_env(name), cwd=PROJECT_ROOT, user=user)
+        announced = False
+
+        def announce_once_the_api_answers() -> None:
+            nonlocal announced
+            if not announced and api_answers(settings):
+                print_urls(settings, not args.no_workers)
+                announced = True
+
+        supervisor.run(stop, on_tick=announce_once_the_api_answers)
+        log(f"received {signal.Signals(stop.signum).name}: stopped")
+        return 0
     finally:
         stop.ignore_further()
-        stop_children(children)
-        if redis_server is not None:
-            log(f"stopping the private redis-server on port {redis_server.port}")
-            redis_server.stop()
+        supervisor.stop()
+        for server in redis_servers:
+            log(f"stopping the private redis-server on port {server.port}")
+            server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,3 +38,11 @@ def child_exit(server, worker):
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(worker.pid)
+
+
+def post_fork(server, worker):
+    """A worker dies with its master, even a SIGKILLed one (gunicorn's own check of the parent
+    only runs between requests); `make up` sets the same on the master (stack/supervisor.py)."""
+    from stack.redis_server import die_with_parent
+
+    die_with_parent()

@@ -17,6 +17,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from cache.store import Unavailable
+from worker.publish import attach_publisher
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,6 @@ def process_services(app):
             _services.db.engine.dispose(close=False)
         from config import load_settings
         from services.context import build_services
-        from worker.publish import attach_publisher
 
         settings = getattr(app, "taskcache_settings", None) or load_settings()
         _services = build_services(settings, subscribe_l1=False)

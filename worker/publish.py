@@ -17,6 +17,7 @@ import time
 from typing import Sequence
 
 from services.errors import DomainError
+from worker.app import create_celery
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,6 @@ class Publisher:
 
 def attach_publisher(services, app=None) -> Publisher:
     if app is None:
-        from worker.app import create_celery
-
         app = create_celery(services.settings)
     publisher = Publisher(app, services)
     services.publish = publisher.publish

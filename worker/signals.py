@@ -1,35 +1,30 @@
-"""Worker process signals: services per pool process, metrics, and a warm-up at start."""
+"""Worker process signals: services per pool process, metrics, and a warm-up at start.
+`connect()` wires them (worker.celery_app calls it once for the CLI's app)."""
 
 from __future__ import annotations
 
 import logging
 import os
 
-from celery import signals
+from celery import current_app, signals
+
+from worker.base import close_process_services, reset_after_fork
 
 log = logging.getLogger(__name__)
 
 
-@signals.worker_process_init.connect(weak=False)
 def _build_services(**_) -> None:
     """In each pool process, right after the fork."""
-    from celery import current_app
-
-    from worker.base import reset_after_fork
-
     reset_after_fork(current_app)
 
 
-@signals.worker_process_shutdown.connect(weak=False)
 def _close_services(pid=None, **_) -> None:
-    from worker import metrics
-    from worker.base import close_process_services
+    from worker import metrics  # only once the multiprocess switch has happened
 
     close_process_services()
     metrics.process_dead(pid or os.getpid())
 
 
-@signals.worker_init.connect(weak=False)
 def _serve_metrics(sender=None, **_) -> None:
     from worker import metrics
 
@@ -38,7 +33,6 @@ def _serve_metrics(sender=None, **_) -> None:
     metrics.serve(app.conf.broker_url, queues)
 
 
-@signals.worker_ready.connect(weak=False)
 def _warm_up_on_start(sender=None, **_) -> None:
     """A fresh worker often follows a deploy or a Redis restart: fill the cache now rather than at
     the first beat tick. WARMUP_ON_START=0 turns it off."""
@@ -48,3 +42,12 @@ def _warm_up_on_start(sender=None, **_) -> None:
         sender.app.send_task("tasks.warmup.warm_all", kwargs={"trigger": "worker_ready"})
     except Exception as exc:
         log.warning("could not send the start-up warm-up: %s", exc)
+
+
+def connect() -> None:
+    """Idempotent (each handler has a dispatch_uid)."""
+    for signal, handler in ((signals.worker_process_init, _build_services),
+                            (signals.worker_process_shutdown, _close_services),
+                            (signals.worker_init, _serve_metrics),
+                            (signals.worker_ready, _warm_up_on_start)):
+        signal.connect(handler, weak=False, dispatch_uid=f"taskcache.{handler.__name__}")

@@ -1,0 +1,28 @@
+"""`python -m worker.flower [flower options]`: Flower on the project's Celery app, with every
+page behind its authentication. Flower 2.2 serves /metrics (task names, worker hosts) and
+/healthcheck to anyone, even with --basic-auth; here they ask for the same credentials."""
+
+from __future__ import annotations
+
+import sys
+
+
+def require_auth_on_every_page() -> None:
+    from flower.views import monitor
+    from tornado.web import authenticated
+
+    for handler in (monitor.Metrics, monitor.Healthcheck):
+        if not getattr(handler.get, "__wrapped__", None):
+            handler.get = authenticated(handler.get)
+
+
+def main(argv: list[str]) -> None:
+    require_auth_on_every_page()
+    from celery.bin.celery import main as celery_main
+
+    sys.argv = ["celery", "-A", "worker.celery_app", "flower", *argv]
+    celery_main()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
