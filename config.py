@@ -33,6 +33,9 @@ def _flag(value: str | None, default: bool) -> bool:
 class Settings:
     database_url: str = DEFAULT_DATABASE_URL
     redis_url: str = DEFAULT_REDIS_URL
+    # Seed nodes of a Redis Cluster ("redis://h1:p1,redis://h2:p2"): when set, the cache, its L1
+    # channel and the login rate limit use it instead of redis_url (which the broker may still use).
+    redis_cluster_url: str | None = None
     celery_broker_url: str = _redis_db(DEFAULT_REDIS_URL, 1)
     secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
     web_port: int = 8000
@@ -54,6 +57,9 @@ class Settings:
     bind_address: str = "127.0.0.1"
     # The user `make up` runs its children as when started by root ("root" keeps root).
     stack_user: str = "nobody"
+    # Seconds a process keeps the counters every request touches (hit tally, busiest projects)
+    # before writing them to Redis in one batch (0: on every request).
+    counter_flush_interval: float = 1.0
 
     def with_overrides(self, **changes) -> "Settings":
         return replace(self, **changes)
@@ -65,6 +71,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     return Settings(
         database_url=env.get("DATABASE_URL") or DEFAULT_DATABASE_URL,
         redis_url=redis_url,
+        redis_cluster_url=env.get("REDIS_CLUSTER_URL") or None,
         celery_broker_url=env.get("CELERY_BROKER_URL") or _redis_db(redis_url, 1),
         secret_key=env.get("SECRET_KEY") or _dev_secret_key(),
         web_port=int(env.get("WEB_PORT") or 8000),

@@ -25,47 +25,51 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from cache import metrics
-from cache.keys import AGGREGATE_TTL, org_generation
-from cache.store import MISSING, VERSION_TTL, RedisCache, Unavailable, _token
+from cache.keys import AGGREGATE_TTL, org_generation, tenant_name
+from cache.store import MISSING, VERSION_TTL, RedisCache, Unavailable, _token, queue_evalsha
 from models import Comment, Project, Task, TaskStatus, User
 
 STATUSES = [s.value for s in TaskStatus]
 MAX_BUFFERED = 10_000
 RESERVE_MS = 30_000  # how long a recount may take before its reservation lapses
 
-# KEYS[1]: the organization's generation; ARGV: base name, token, version ttl, then per command.
+# KEYS[1]: the organization's generation, KEYS[2]: the hash (both under the organization's hash
+# tag). The hash records the generation it was built in (field `gen`); one of an older generation
+# (the organization was purged) counts as missing. ARGV: token, version TTL, then per command.
 _RESOLVE = """
 local gen = redis.call('GET', KEYS[1])
 if not gen then
-  gen = ARGV[2]
-  redis.call('SET', KEYS[1], gen, 'EX', ARGV[3])
+  gen = ARGV[1]
+  redis.call('SET', KEYS[1], gen, 'EX', ARGV[2])
 end
-local name = ARGV[1] .. '@' .. gen
+local name = KEYS[2]
+local current = redis.call('HGET', name, 'gen') == gen
 """
 
 _READ = _RESOLVE + """
-local refresh = tonumber(ARGV[4])
+if not current then return {{}, -2, redis.call('TIME')[1]} end
 local ttl = redis.call('TTL', name)
 return {redis.call('HGETALL', name), ttl, redis.call('TIME')[1]}
 """
 
-# ARGV[4]=placeholder ttl in ms. Reserve the hash for a recount unless it exists.
+# ARGV[3]=placeholder ttl in ms. Reserve the hash for a recount unless it exists.
 _RESERVE = _RESOLVE + """
-if redis.call('EXISTS', name) == 1 then return 0 end
-redis.call('HSET', name, 'seq', -1)
-redis.call('PEXPIRE', name, ARGV[4])
+if current then return 0 end
+redis.call('DEL', name)
+redis.call('HSET', name, 'seq', -1, 'gen', gen)
+redis.call('PEXPIRE', name, ARGV[3])
 return 1
 """
 
-# ARGV[4]=seq, ARGV[5]=ttl, ARGV[6]=max buffered, ARGV[7..]=field, delta pairs.
+# ARGV[3]=seq, ARGV[4]=ttl, ARGV[5]=max buffered, ARGV[6..]=field, delta pairs.
 _APPLY = _RESOLVE + """
-if redis.call('EXISTS', name) == 0 then return 'missing' end
-local seq = tonumber(ARGV[4])
+if not current then return 'missing' end
+local seq = tonumber(ARGV[3])
 local have = tonumber(redis.call('HGET', name, 'seq'))
 if seq <= have then return 'duplicate' end
-local packed = table.concat(ARGV, ',', 7)
+local packed = table.concat(ARGV, ',', 6)
 if seq > have + 1 then
-  if redis.call('HLEN', name) > tonumber(ARGV[6]) then return 'overflow' end
+  if redis.call('HLEN', name) > tonumber(ARGV[5]) then return 'overflow' end
   redis.call('HSET', name, 'd:' .. seq, packed)
   local known = tonumber(redis.call('HGET', name, 'known') or '0')
   if seq > known then redis.call('HSET', name, 'known', seq) end
@@ -100,11 +104,11 @@ end
 return 'applied'
 """
 
-# ARGV[4]=seq, ARGV[5]=ttl, ARGV[6]=computed_at, ARGV[7..]=field, value pairs.
+# ARGV[3]=seq, ARGV[4]=ttl, ARGV[5]=computed_at, ARGV[6..]=field, value pairs.
 _REPLACE = _RESOLVE + """
-local seq = tonumber(ARGV[4])
+local seq = tonumber(ARGV[3])
+if not current then return 'missing' end
 local old = redis.call('HGETALL', name)
-if #old == 0 then return 'missing' end
 local have = -1
 local buffered = {}
 local drift = 0
@@ -117,18 +121,18 @@ for i = 1, #old, 2 do
 end
 if have > seq then return 'older' end
 if have == seq then
-  for i = 7, #ARGV, 2 do
+  for i = 6, #ARGV, 2 do
     if prev[ARGV[i]] ~= ARGV[i + 1] then drift = 1 end
   end
   if drift == 0 then
-    redis.call('HSET', name, 'computed_at', ARGV[6])
-    redis.call('EXPIRE', name, ARGV[5])
+    redis.call('HSET', name, 'computed_at', ARGV[5])
+    redis.call('EXPIRE', name, ARGV[4])
     return 'same'
   end
 end
 redis.call('DEL', name)
-local fields = {'seq', seq, 'computed_at', ARGV[6]}
-for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
+local fields = {'seq', seq, 'computed_at', ARGV[5], 'gen', gen}
+for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', name, unpack(fields))
 local n = seq
 local known = 0
@@ -150,7 +154,7 @@ while true do
 end
 redis.call('HSET', name, 'seq', n)
 if known <= n then redis.call('HDEL', name, 'known', 'gap_since') end
-redis.call('EXPIRE', name, ARGV[5])
+redis.call('EXPIRE', name, ARGV[4])
 if have == seq then return 'drift' end
 return 'replaced'
 """
@@ -166,7 +170,7 @@ class Aggregate:
     present: Callable[[str, dict[str, int]], dict]
 
     def name(self, org_id: str, owner_id: str) -> str:
-        return f"t:{org_id}:stats:{self.kind}:{owner_id}"
+        return tenant_name(org_id, "stats", self.kind, owner_id)
 
 
 def _count_project(session: Session, project_id: str) -> tuple[int, dict[str, int]] | None:
@@ -273,7 +277,7 @@ class StatsRead:
         before = len(pipe)
         # EVALSHA in a plain pipeline (a Script called on a pipeline costs a SCRIPT EXISTS round
         # trip); a restarted Redis has lost the script: load_scripts, then go again.
-        pipe.evalsha(self.store._read.sha, len(keys), *keys, *args, 0)
+        queue_evalsha(pipe, self.store._read.sha, keys, args)
         if self.also:
             self.also(pipe)
         return len(pipe) - before
@@ -295,7 +299,7 @@ class AggregateStore:
         self._replace = client.register_script(_REPLACE)
 
     def _args(self, agg: Aggregate, org_id: str, owner_id: str) -> tuple[list, list]:
-        return [org_generation(org_id)], [agg.name(org_id, owner_id), _token(), VERSION_TTL]
+        return [org_generation(org_id), agg.name(org_id, owner_id)], [_token(), VERSION_TTL]
 
     def read(self, agg: Aggregate, org_id: str, owner_id: str,
              also: Callable[[redis.client.Pipeline], None] | None = None) -> Snapshot | None:

@@ -322,24 +322,26 @@ def memory_per_entry(client: redis.Redis, per_family: int = 40) -> dict:
             if len(versions) < per_family:
                 versions.append(client.memory_usage(name, samples=0) or 0)
             continue
-        if not key.startswith("t:") or "@" not in key:
+        if not key.startswith("t:"):
             continue
         parts = key.split(":")
-        family = "project_stats" if parts[2] == "stats" else parts[2]
-        if parts[2] == "stats":
-            family = f"{parts[3]}_stats"
+        # t:{o:<org>}:<family>:<ident>, or t:{o:<org>}:stats:<kind>:<owner>
+        family = parts[3]
+        if family == "stats":
+            family = f"{parts[4]}_stats"
         if len(samples.get(family, ())) >= per_family:
             continue
         kind = client.type(name).decode()
         if kind == "string":
-            blob = client.get(name)
-            if blob is None:
+            stored = client.get(name)
+            if stored is None:
                 continue
-            json_len, stored = len(orjson.dumps(codec.decode(blob))), len(blob)
+            blob = stored.partition(b"|")[2]  # after the version tokens it was stored under
+            json_len, stored = len(orjson.dumps(codec.decode(blob))), len(stored)
         elif kind == "hash" and family == "project_stats":
             raw = {k.decode(): v for k, v in client.hgetall(name).items()}
             counts = {f: int(raw.get(f, 0)) for f in PROJECT_STATS.fields}
-            presented = PROJECT_STATS.present(parts[4].split("@")[0], counts)
+            presented = PROJECT_STATS.present(parts[5], counts)
             json_len = len(orjson.dumps(presented))
             stored = sum(len(k) + len(v) for k, v in raw.items())
         else:

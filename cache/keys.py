@@ -1,5 +1,9 @@
 """One small typed function per cache key family.
 
+Key names work on a single Redis and on a Redis Cluster alike: every key of an organization carries
+its hash tag `{o:<org>}` (the configuration's `{c:<name>}`), so the scripts that read versions and
+values together touch one slot.
+
 Every key names the version keys whose current tokens become part of the stored name. A write
 replaces a version token after commit, so every value stored under the old token is unreachable
 at once (read-your-writes without KEYS/SCAN), and a reader that loaded before the write stores its
@@ -32,57 +36,81 @@ class Key:
     sliding: bool = False
 
 
-# Version keys: what a write bumps.
+def org_tag(org_id: str) -> str:
+    """The hash tag of an organization: every key of a tenant lives in one Redis Cluster slot, so
+    a lookup script can read the organization's generation, the entity's version and the value
+    together, and replacing the generation purges the tenant in one step. Tenants spread over the
+    slots; one tenant never spans two."""
+    return "{o:" + org_id + "}"
+
+
+def config_tag(name: str) -> str:
+    return "{c:" + name + "}"
+
+
+def hash_tag(name: str) -> str:
+    """The `{...}` part of a key name that picks its cluster slot ('' when it has none)."""
+    start = name.find("{")
+    end = name.find("}", start + 1)
+    return name[start:end + 1] if start >= 0 and end > start + 1 else ""
+
+
+# Version keys: what a write bumps. All of an organization's carry its tag.
 def org_generation(org_id: str) -> str:
-    return f"v:org:{org_id}"
+    return f"v:{org_tag(org_id)}:org"
 
 
 def organization_version(org_id: str) -> str:
-    return f"v:orginfo:{org_id}"
+    return f"v:{org_tag(org_id)}:orginfo"
 
 
-def user_version(user_id: str) -> str:
-    return f"v:user:{user_id}"
+def user_version(org_id: str, user_id: str) -> str:
+    return f"v:{org_tag(org_id)}:user:{user_id}"
 
 
-def session_version(session_id: str) -> str:
-    return f"v:session:{session_id}"
+def session_version(org_id: str, session_id: str) -> str:
+    return f"v:{org_tag(org_id)}:session:{session_id}"
 
 
-def project_version(project_id: str) -> str:
-    return f"v:project:{project_id}"
+def project_version(org_id: str, project_id: str) -> str:
+    return f"v:{org_tag(org_id)}:project:{project_id}"
 
 
-def task_version(task_id: str) -> str:
-    return f"v:task:{task_id}"
+def task_version(org_id: str, task_id: str) -> str:
+    return f"v:{org_tag(org_id)}:task:{task_id}"
 
 
 def org_projects_version(org_id: str) -> str:
-    return f"v:org-projects:{org_id}"
+    return f"v:{org_tag(org_id)}:org-projects"
 
 
 def org_users_version(org_id: str) -> str:
-    return f"v:org-users:{org_id}"
+    return f"v:{org_tag(org_id)}:org-users"
 
 
-def project_tasks_version(project_id: str) -> str:
-    return f"v:project-tasks:{project_id}"
+def project_tasks_version(org_id: str, project_id: str) -> str:
+    return f"v:{org_tag(org_id)}:project-tasks:{project_id}"
 
 
-def user_tasks_version(user_id: str) -> str:
-    return f"v:user-tasks:{user_id}"
+def user_tasks_version(org_id: str, user_id: str) -> str:
+    return f"v:{org_tag(org_id)}:user-tasks:{user_id}"
 
 
-def task_comments_version(task_id: str) -> str:
-    return f"v:task-comments:{task_id}"
+def task_comments_version(org_id: str, task_id: str) -> str:
+    return f"v:{org_tag(org_id)}:task-comments:{task_id}"
 
 
-def user_notifications_version(user_id: str) -> str:
-    return f"v:user-notifications:{user_id}"
+def user_notifications_version(org_id: str, user_id: str) -> str:
+    return f"v:{org_tag(org_id)}:user-notifications:{user_id}"
 
 
 def config_version(name: str) -> str:
-    return f"v:config:{name}"
+    return f"v:{config_tag(name)}:config"
+
+
+def tenant_name(org_id: str, *parts: str) -> str:
+    """A tenant's value (or statistics hash) name: `t:{o:<org>}:<family>:<ident>`."""
+    return ":".join(("t", org_tag(org_id), *parts))
 
 
 def _query(**params: object) -> str:
@@ -93,8 +121,8 @@ def _query(**params: object) -> str:
 
 def _tenant(org_id: str, family: str, ident: str, versions: tuple[str, ...], ttl: int,
             sliding: bool = False) -> Key:
-    return Key(family, f"t:{org_id}:{family}:{ident}", (org_generation(org_id), *versions), ttl,
-               sliding)
+    return Key(family, tenant_name(org_id, family, ident), (org_generation(org_id), *versions),
+               ttl, sliding)
 
 
 # Value keys: what a read looks up.
@@ -102,11 +130,11 @@ def session(org_id: str, user_id: str, session_id: str) -> Key:
     """Sliding TTL: each use extends it. The user's version is part of it so that a change of
     roles reaches live sessions at once."""
     return _tenant(org_id, "session", session_id,
-                   (session_version(session_id), user_version(user_id)), SESSION_TTL, sliding=True)
+                   (session_version(org_id, session_id), user_version(org_id, user_id)), SESSION_TTL, sliding=True)
 
 
 def user(org_id: str, user_id: str) -> Key:
-    return _tenant(org_id, "user", user_id, (user_version(user_id),), USER_TTL)
+    return _tenant(org_id, "user", user_id, (user_version(org_id, user_id),), USER_TTL)
 
 
 def organization(org_id: str) -> Key:
@@ -115,11 +143,11 @@ def organization(org_id: str) -> Key:
 
 
 def project(org_id: str, project_id: str) -> Key:
-    return _tenant(org_id, "project", project_id, (project_version(project_id),), PROJECT_TTL)
+    return _tenant(org_id, "project", project_id, (project_version(org_id, project_id),), PROJECT_TTL)
 
 
 def task(org_id: str, task_id: str) -> Key:
-    return _tenant(org_id, "task", task_id, (task_version(task_id),), TASK_TTL)
+    return _tenant(org_id, "task", task_id, (task_version(org_id, task_id),), TASK_TTL)
 
 
 def project_list(org_id: str, *, status: str | None, limit: int, cursor: str | None) -> Key:
@@ -136,34 +164,34 @@ def project_tasks(org_id: str, project_id: str, *, status: str | None, assignee_
                   limit: int, cursor: str | None) -> Key:
     ident = f"{project_id}:" + _query(status=status, assignee=assignee_id, limit=limit,
                                       cursor=cursor)
-    return _tenant(org_id, "task_list", ident, (project_tasks_version(project_id),),
+    return _tenant(org_id, "task_list", ident, (project_tasks_version(org_id, project_id),),
                    TASK_LIST_TTL)
 
 
 def user_tasks(org_id: str, user_id: str, *, status: str | None, limit: int,
                cursor: str | None) -> Key:
     ident = f"{user_id}:" + _query(status=status, limit=limit, cursor=cursor)
-    return _tenant(org_id, "user_task_list", ident, (user_tasks_version(user_id),), TASK_LIST_TTL)
+    return _tenant(org_id, "user_task_list", ident, (user_tasks_version(org_id, user_id),), TASK_LIST_TTL)
 
 
 def task_comments(org_id: str, task_id: str, *, limit: int, cursor: str | None) -> Key:
     ident = f"{task_id}:" + _query(limit=limit, cursor=cursor)
-    return _tenant(org_id, "comment_list", ident, (task_comments_version(task_id),),
+    return _tenant(org_id, "comment_list", ident, (task_comments_version(org_id, task_id),),
                    TASK_LIST_TTL)
 
 
 def notifications(org_id: str, user_id: str, *, unread: bool, limit: int,
                   cursor: str | None) -> Key:
     ident = f"{user_id}:" + _query(unread=unread, limit=limit, cursor=cursor)
-    return _tenant(org_id, "notification_list", ident, (user_notifications_version(user_id),),
+    return _tenant(org_id, "notification_list", ident, (user_notifications_version(org_id, user_id),),
                    NOTIFICATION_TTL)
 
 
 def unread_count(org_id: str, user_id: str) -> Key:
-    return _tenant(org_id, "unread_count", user_id, (user_notifications_version(user_id),),
+    return _tenant(org_id, "unread_count", user_id, (user_notifications_version(org_id, user_id),),
                    NOTIFICATION_TTL)
 
 
 def config(name: str) -> Key:
     """Process-wide configuration: not tenant data, read through L1 first."""
-    return Key("config", f"g:config:{name}", (config_version(name),), CONFIG_TTL)
+    return Key("config", f"g:{config_tag(name)}:config", (config_version(name),), CONFIG_TTL)

@@ -1,9 +1,11 @@
 """The per-process cache (L1): bounded, thread-safe, expiring on the monotonic clock.
 
 It holds only small process-wide data read on most requests (feature flags, configuration, role
-definitions). A change publishes the key on a Redis channel; every process drops it from its L1.
-Missed messages (Redis down, reconnect) clear the whole L1, and the short TTL bounds what a lost
-message could cost.
+definitions). A change publishes the key on a Redis shard channel (SPUBLISH, Redis 7); every
+process drops it from its L1. On a Redis Cluster a shard channel lives on the master serving its
+slot (and its replicas): each process subscribes there, not to every node as classic pub/sub
+broadcasts. Missed messages (Redis down, reconnect, the channel's shard failing over) clear the
+whole L1, and the short TTL bounds what a lost message could cost.
 """
 
 from __future__ import annotations
@@ -73,7 +75,29 @@ class L1Cache:
 
 def announce(client: redis.Redis, name: str, origin: str = "") -> None:
     """Tell every process (but `origin`, which dropped it already) to drop `name` from its L1."""
-    client.publish(CHANNEL, f"{origin} {name}" if origin else name)
+    client.spublish(CHANNEL, f"{origin} {name}" if origin else name)
+
+
+class ChannelMoved(redis.ConnectionError):
+    """The server unsubscribed us (the channel's slot moved away from the node)."""
+
+
+def channel_node(client) -> redis.Redis:
+    """A plain connection to the node that serves CHANNEL: the client itself on a single Redis;
+    on a cluster, the master of the channel's slot, looked up afresh (a failover moves it). It
+    never retries by itself: a lost connection must surface, so that the L1 is cleared."""
+    from redis.backoff import NoBackoff
+    from redis.cluster import RedisCluster
+    from redis.retry import Retry
+
+    if not isinstance(client, RedisCluster):
+        return client
+    client.nodes_manager.initialize()
+    node = client.get_node_from_key(CHANNEL)
+    kwargs = node.redis_connection.connection_pool.connection_kwargs
+    return redis.Redis(host=node.host, port=node.port, socket_timeout=None,
+                       socket_connect_timeout=kwargs.get("socket_connect_timeout"),
+                       retry=Retry(NoBackoff(), 0), health_check_interval=0)
 
 
 class L1Subscriber:
@@ -106,14 +130,17 @@ class L1Subscriber:
             self._stop.wait(self._retry)
 
     def _listen(self) -> None:
-        pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        node = channel_node(self._client)
+        pubsub = node.pubsub()
         try:
-            pubsub.subscribe(CHANNEL)
+            pubsub.ssubscribe(CHANNEL)
             self._l1.invalidate(CLEAR_ALL)
             self.ready.set()
             while not self._stop.is_set():
                 message = pubsub.get_message(timeout=0.5)
-                if message and message["type"] == "message":
+                if message and message["type"] == "sunsubscribe":
+                    raise ChannelMoved(f"unsubscribed from {CHANNEL}")
+                if message and message["type"] == "smessage":
                     data = message["data"]
                     data = data.decode() if isinstance(data, bytes) else data
                     origin, _, name = data.rpartition(" ")
@@ -121,6 +148,8 @@ class L1Subscriber:
                         self._l1.invalidate(name)
         finally:
             pubsub.close()
+            if node is not self._client:
+                node.close()
 
 
 def read_through_l1(l1: L1Cache, name: str, family: str, load: Callable[[], Any]) -> tuple[Any, bool]:

@@ -2,9 +2,12 @@
 and invalidations that survive an outage.
 
 A lookup is one round trip: a Lua script reads the key's version tokens (creating a fresh random
-token where one is missing, so a lost or evicted version key can never bring an old value back),
-builds the stored name from them and reads it. A miss then loads under a short single-flight lock
-and stores under the name the lookup returned, i.e. under the versions seen *before* the load.
+token where one is missing, so a lost or evicted version key can never bring an old value back) and
+the value, which carries the tokens it was stored under; a value stored under other tokens is a
+miss. A miss then loads under a short single-flight lock and stores only if the tokens are still
+those the lookup saw *before* the load (a compare-and-set): a reader that loaded before a write can
+never store its old value after it. Every script names all the keys it touches in KEYS, all in one
+hash slot (cache/keys.py), so the same scripts run on a single Redis and on a Redis Cluster.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import redis
 
 from cache import codec, metrics
 from cache.breaker import CircuitBreaker
-from cache.keys import Key, org_generation
+from cache.keys import Key, hash_tag, org_generation
 
 log = logging.getLogger(__name__)
 
@@ -33,30 +36,51 @@ HIT_L1, HIT_L2, MISS, STALE, BYPASS = "HIT-L1", "HIT-L2", "MISS", "STALE", "BYPA
 VERSION_TTL = 86_400
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError)
 
+# KEYS: the version keys, then the value. ARGV: token seed, version TTL, sliding TTL (0: none).
+# Returns {tokens, value or false}. The stored value is `<tokens>|<blob>`.
 _LOOKUP = """
+local n = #KEYS - 1
 local parts = {}
-for i, k in ipairs(KEYS) do
-  local v = redis.call('GET', k)
+for i = 1, n do
+  local v = redis.call('GET', KEYS[i])
   if not v then
-    v = ARGV[2] .. i
-    redis.call('SET', k, v, 'EX', ARGV[3])
+    v = ARGV[1] .. i
+    redis.call('SET', KEYS[i], v, 'EX', ARGV[2])
   end
   parts[i] = v
 end
-local name = ARGV[1] .. '@' .. table.concat(parts, '.')
-local value = redis.call('GET', name)
-if value and ARGV[4] ~= '0' then redis.call('EXPIRE', name, ARGV[4]) end
--- Hit/miss tally of all processes for /health/cache, in hourly buckets.
-redis.call('HINCRBY', ARGV[5], value and 'hits' or 'misses', 1)
-redis.call('EXPIRE', ARGV[5], 7200)
-return {name, value}
+local tokens = table.concat(parts, '.')
+local stored = redis.call('GET', KEYS[n + 1])
+if stored and string.sub(stored, 1, #tokens + 1) == tokens .. '|' then
+  if ARGV[3] ~= '0' then redis.call('EXPIRE', KEYS[n + 1], ARGV[3]) end
+  return {tokens, string.sub(stored, #tokens + 2)}
+end
+return {tokens, false}
+"""
+
+# KEYS: the version keys, then the value. ARGV: the tokens the loader's lookup saw, blob, TTL.
+# Stores only while those are still the current tokens (a write since the lookup retired them).
+_STORE = """
+local n = #KEYS - 1
+local parts = {}
+for i = 1, n do
+  local v = redis.call('GET', KEYS[i])
+  if not v then return 0 end
+  parts[i] = v
+end
+if table.concat(parts, '.') ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[n + 1], ARGV[1] .. '|' .. ARGV[2], 'EX', ARGV[3])
+return 1
 """
 
 # Become the loader of a missed value, unless another loader stored it since our lookup (then
 # return it): a reader whose lookup missed just before a loader stored must not load again.
+# KEYS: the value, the lock. ARGV: lock token, lock TTL (ms), the tokens the lookup saw.
 _ACQUIRE = """
 local value = redis.call('GET', KEYS[1])
-if value then return {value, 0} end
+if value and string.sub(value, 1, #ARGV[3] + 1) == ARGV[3] .. '|' then
+  return {string.sub(value, #ARGV[3] + 2), 0}
+end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {false, 1} end
 return {false, 0}
 """
@@ -68,13 +92,36 @@ return 0
 
 # Bump version keys unless this event was applied already (the web process applies it after
 # commit, the worker again from the outbox: whichever comes second changes nothing).
+# KEYS: the version keys of one hash slot, then that slot's marker of the event (or none).
 _BUMP = """
-if ARGV[3] ~= '' and redis.call('SET', ARGV[3], '1', 'NX', 'EX', ARGV[2]) == false then
-  return 0
+local n = #KEYS
+if ARGV[3] == '1' then
+  n = n - 1
+  if redis.call('SET', KEYS[#KEYS], '1', 'NX', 'EX', ARGV[2]) == false then return 0 end
 end
-for i, k in ipairs(KEYS) do redis.call('SET', k, ARGV[1] .. i, 'EX', ARGV[2]) end
+for i = 1, n do redis.call('SET', KEYS[i], ARGV[1] .. i, 'EX', ARGV[2]) end
 return 1
 """
+
+
+def unwrap(stored: bytes | None, tokens: str) -> bytes | None:
+    """The blob of a stored value if it was stored under `tokens`, else None (retired)."""
+    prefix = tokens.encode() + b"|"
+    if stored is not None and stored.startswith(prefix):
+        return stored[len(prefix):]
+    return None
+
+
+def queue_evalsha(pipe, sha: str, keys: Sequence[str], args: Sequence) -> None:
+    """EVALSHA on a pipeline, plain or cluster. redis-py's ClusterPipeline refuses `.evalsha()`
+    (redis/redis-py#2914, allowed upstream by #4206 after 8.1) though it routes EVALSHA by its
+    keys; the generic command goes through that routing. All `keys` must share a slot."""
+    pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+
+
+def event_marker(tag: str, event_id: str) -> str:
+    """Applied-once marker of an event's bump in one hash slot."""
+    return f"applied:{tag}:{event_id}"
 
 
 class SideRead(Protocol):
@@ -97,8 +144,12 @@ class Unavailable(Exception):
 @dataclass(slots=True)
 class Lookup:
     key: Key
-    stored_name: str | None  # where a loaded value goes; None when Redis could not be asked
+    tokens: str | None  # the versions seen; None when Redis could not be asked
     value: Any = MISSING
+
+    @property
+    def answered(self) -> bool:
+        return self.tokens is not None
 
     @property
     def hit(self) -> bool:
@@ -109,6 +160,56 @@ def tally_key(hours_ago: int = 0) -> str:
     return f"cache:tally:{int(time.time() // 3600) - hours_ago}"
 
 
+TALLY_TTL = 7200
+
+
+class BatchedCounters:
+    """Counters that every request touches (the hit tally, the busiest projects), kept in this
+    process and written to Redis at most once per `interval` seconds, riding on a round trip the
+    request makes anyway. On a Redis Cluster a key incremented by every request of every process
+    would make its shard hot; batched, each process sends one increment per counter per interval.
+    A failed flush drops its counts (they are statistics, not data)."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._hashes: dict[tuple[str, str], int] = {}
+        self._zsets: dict[tuple[str, str], float] = {}
+        self._ttl: dict[str, int] = {}
+        self._last = 0.0
+
+    def hincr(self, key: str, field: str, ttl: int, by: int = 1) -> None:
+        with self._lock:
+            self._hashes[key, field] = self._hashes.get((key, field), 0) + by
+            self._ttl[key] = ttl
+
+    def zincr(self, key: str, member: str, ttl: int, by: float = 1) -> None:
+        with self._lock:
+            self._zsets[key, member] = self._zsets.get((key, member), 0) + by
+            self._ttl[key] = ttl
+
+    def queue_flush(self, pipe, force: bool = False) -> int:
+        """Queue the pending increments on `pipe` when the interval has passed (or `force`);
+        returns how many commands were queued."""
+        now = time.monotonic()
+        with self._lock:
+            if not force and now - self._last < self.interval:
+                return 0
+            if not (self._hashes or self._zsets):
+                return 0
+            hashes, self._hashes = self._hashes, {}
+            zsets, self._zsets = self._zsets, {}
+            ttls, self._ttl = self._ttl, {}
+            self._last = now
+        for (key, field), by in hashes.items():
+            pipe.hincrby(key, field, by)
+        for (key, member), by in zsets.items():
+            pipe.zincrby(key, by, member)
+        for key, ttl in ttls.items():
+            pipe.expire(key, ttl)
+        return len(hashes) + len(zsets) + len(ttls)
+
+
 def _token() -> str:
     return os.urandom(6).hex()
 
@@ -117,12 +218,15 @@ class RedisCache:
     enabled = True
 
     def __init__(self, client: redis.Redis, breaker: CircuitBreaker, *,
-                 lock_ttl_ms: int = 10_000, max_wait: float = 2.0) -> None:
+                 lock_ttl_ms: int = 10_000, max_wait: float = 2.0,
+                 counter_interval: float = 1.0) -> None:
         self.client = client
         self.breaker = breaker
         self.lock_ttl_ms = lock_ttl_ms
         self.max_wait = max_wait
+        self.counters = BatchedCounters(counter_interval)
         self._lookup = client.register_script(_LOOKUP)
+        self._store = client.register_script(_STORE)
         self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
         self._bump = client.register_script(_BUMP)
@@ -162,8 +266,8 @@ class RedisCache:
         if not owed:
             return
         try:
-            self._bump(keys=[org_generation(o) for o in sorted(owed)],
-                       args=[_token(), VERSION_TTL, ""])
+            for org_id in sorted(owed):  # one slot per organization
+                self._bump(keys=[org_generation(org_id)], args=[_token(), VERSION_TTL, "0"])
             log.warning("purged %d organizations whose invalidations failed during an outage",
                         len(owed))
         except redis.RedisError:
@@ -190,21 +294,24 @@ class RedisCache:
             return [Lookup(key, None) for key in keys]
 
         def run() -> list:
-            # EVALSHA in a plain pipeline: one round trip. (A Script registered on a pipeline
-            # costs a SCRIPT EXISTS round trip on every execute.) A restarted Redis has lost
-            # the script: load it and go again.
+            # EVALSHA in a plain pipeline: one round trip (on a cluster, one per shard touched,
+            # sent together). A Script registered on a pipeline costs a SCRIPT EXISTS round trip
+            # on every execute. A restarted Redis, or a replica promoted by a failover, has not
+            # got the script: load it and go again.
             for attempt in (1, 2):
                 pipe = self.client.pipeline(transaction=False)
                 for key in keys:
-                    pipe.evalsha(self._lookup.sha, len(key.versions), *key.versions, key.name,
-                                 _token(), VERSION_TTL, key.ttl if key.sliding else 0, tally)
+                    queue_evalsha(pipe, self._lookup.sha, [*key.versions, key.name],
+                                  [_token(), VERSION_TTL, key.ttl if key.sliding else 0])
                 counts = [read.queue(pipe) for read in side]
+                if attempt == 1:
+                    self.counters.queue_flush(pipe)
                 try:
                     replies = pipe.execute()
                 except redis.exceptions.NoScriptError:
                     if attempt == 2:
                         raise
-                    self.client.script_load(_LOOKUP)
+                    self._load_scripts()
                     for read in side:
                         read.load_scripts(self.client)
                     continue
@@ -214,30 +321,54 @@ class RedisCache:
                     at += count
                 return replies[:len(keys)]
 
-        tally = tally_key()
         try:
             replies = self.call("get", run)
         except Unavailable:
             return [Lookup(key, None) for key in keys]
         found = []
-        for key, (name, raw) in zip(keys, replies):
-            lookup = Lookup(key, name.decode() if isinstance(name, bytes) else name)
+        tally = tally_key()
+        for key, (tokens, raw) in zip(keys, replies):
+            lookup = Lookup(key, tokens.decode() if isinstance(tokens, bytes) else tokens)
             if raw is not None:
                 lookup.value = codec.decode(raw)
                 metrics.hits.labels("redis", key.family).inc()
             else:
                 metrics.misses.labels("redis", key.family).inc()
+            # Hit/miss tally of all processes for /health/cache, in hourly buckets.
+            self.counters.hincr(tally, "hits" if raw is not None else "misses", TALLY_TTL)
             found.append(lookup)
         return found
 
-    def store(self, lookup: Lookup, value: Any) -> None:
-        if lookup.stored_name is None:
-            return
-        blob = codec.encode(value)
+    def _load_scripts(self) -> None:
+        """SCRIPT LOAD (on a cluster: on every master) of what a pipeline runs by EVALSHA."""
+        self.client.script_load(_LOOKUP)
+
+    def flush_counters(self) -> None:
+        """Write this process's pending counters now (e.g. before reporting them)."""
+        def run() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            if self.counters.queue_flush(pipe, force=True):
+                pipe.execute()
         try:
-            self.call("set", lambda: self.client.set(lookup.stored_name, blob, ex=lookup.key.ttl))
+            self.call("counters", run)
         except Unavailable:
             pass
+
+    def store(self, lookup: Lookup, value: Any) -> None:
+        if lookup.tokens is None:
+            return
+        blob = codec.encode(value)
+        key = lookup.key
+        try:
+            self.call("set", lambda: self._store(keys=[*key.versions, key.name],
+                                                 args=[lookup.tokens, blob, key.ttl]))
+        except Unavailable:
+            pass
+
+    @staticmethod
+    def _lock_name(lookup: Lookup) -> str:
+        # Per version: a loader of retired versions never holds up a reader of the current ones.
+        return f"lock:{lookup.key.name}@{lookup.tokens}"
 
     def read_through(self, key: Key, load: Callable[[], T],
                      lookup: Lookup | None = None) -> tuple[T, str]:
@@ -246,13 +377,13 @@ class RedisCache:
         lookup = lookup or self.lookup(key)
         if lookup.hit:
             return lookup.value, HIT_L2
-        if lookup.stored_name is None:
+        if lookup.tokens is None:
             return load(), BYPASS
-        lock = f"lock:{lookup.stored_name}"
+        lock = self._lock_name(lookup)
         token = _token()
         try:
             raw, leader = self.call("lock", lambda: self._acquire(
-                keys=[lookup.stored_name, lock], args=[token, self.lock_ttl_ms]))
+                keys=[key.name, lock], args=[token, self.lock_ttl_ms, lookup.tokens]))
         except Unavailable:
             return load(), BYPASS
         if raw is not None:
@@ -277,14 +408,15 @@ class RedisCache:
     def _wait_for(self, lookup: Lookup, lock: str) -> Any:
         deadline = time.monotonic() + self.max_wait
         delay = 0.002
-        name = lookup.stored_name
+        name = lookup.key.name
         while time.monotonic() < deadline:
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
             try:
-                raw, locked = self.call("get", lambda: self._get_and_exists(name, lock))
+                stored, locked = self.call("get", lambda: self._get_and_exists(name, lock))
             except Unavailable:
                 return MISSING
+            raw = unwrap(stored, lookup.tokens)
             if raw is not None:
                 return codec.decode(raw)
             if not locked:  # the leader failed, or its value went to a retired version
@@ -294,6 +426,7 @@ class RedisCache:
     def _get_and_exists(self, name: str, lock: str) -> tuple[bytes | None, int]:
         # The lock first: a leader stores before it unlocks, so once the lock is seen gone the
         # GET after it sees the value (the other order can miss both and load a second time).
+        # Value and lock share a slot: on a cluster the pipeline is still one round trip.
         pipe = self.client.pipeline(transaction=False)
         pipe.exists(lock)
         pipe.get(name)
@@ -314,10 +447,22 @@ class RedisCache:
         versions = sorted(set(versions))
         if not versions:
             return True
-        marker = f"applied:{event_id}" if event_id else ""
+        by_slot: dict[str, list[str]] = {}
+        for version in versions:
+            by_slot.setdefault(hash_tag(version), []).append(version)
+
+        def bump() -> int:
+            # One script per hash slot (an event's versions are normally one organization's),
+            # each with that slot's applied-once marker.
+            applied = 0
+            token = _token()
+            for tag, names in by_slot.items():
+                marked = [*names, event_marker(tag, event_id)] if event_id else names
+                applied |= int(self._bump(keys=marked,
+                                          args=[token, VERSION_TTL, "1" if event_id else "0"]))
+            return applied
         try:
-            applied = self.call("invalidate", lambda: self._bump(
-                keys=versions, args=[_token(), VERSION_TTL, marker]))
+            applied = self.call("invalidate", bump)
         except Unavailable:
             with self._owed_lock:
                 self._owed_purges.update(org_ids)
@@ -342,8 +487,8 @@ class DisabledCache(RedisCache):
 
     enabled = False
 
-    def __init__(self, client: redis.Redis, breaker: CircuitBreaker) -> None:
-        super().__init__(client, breaker)
+    def __init__(self, client: redis.Redis, breaker: CircuitBreaker, **options) -> None:
+        super().__init__(client, breaker, **options)
 
     def lookup_many(self, keys: Sequence[Key], side: Sequence[SideRead] = ()) -> list[Lookup]:
         return [Lookup(key, None) for key in keys]

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import redis
+from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.retry import Retry
 
 from aggregates import AggregateStore
 from cache.breaker import CircuitBreaker
@@ -28,7 +31,7 @@ def _no_publisher(outbox_ids: Sequence[int]) -> None:
 class Services:
     settings: Settings
     db: Database
-    redis: redis.Redis
+    redis: redis.Redis | RedisCluster
     cache: RedisCache
     aggregates: AggregateStore
     l1: L1Cache
@@ -43,11 +46,22 @@ class Services:
         self.redis.close()
 
 
-def redis_client(settings: Settings, **overrides) -> redis.Redis:
+def redis_client(settings: Settings, **overrides) -> redis.Redis | RedisCluster:
+    """The cache's client: a Redis Cluster when REDIS_CLUSTER_URL names one, else REDIS_URL. Both
+    run the same commands, scripts and key names."""
     options = dict(socket_timeout=settings.redis_socket_timeout,
                    socket_connect_timeout=settings.redis_socket_timeout,
                    retry_on_timeout=False, health_check_interval=0)
     options.update(overrides)
+    if settings.redis_cluster_url:
+        from stack.redis_cluster import parse_cluster_url
+
+        seeds = [ClusterNode(host, port) for host, port in parse_cluster_url(settings.redis_cluster_url)]
+        options.pop("retry_on_timeout", None)  # deprecated on a cluster: timeouts are retried
+        # One retry: enough to follow a failover's new slot map, short enough for the breaker
+        # to see a dead shard instead of a request waiting through the cluster's own backoff.
+        options.setdefault("retry", Retry(NoBackoff(), 1))
+        return RedisCluster(startup_nodes=seeds, require_full_coverage=False, **options)
     return redis.Redis.from_url(settings.redis_url, **options)
 
 
@@ -56,12 +70,13 @@ def build_services(settings: Settings, *, subscribe_l1: bool = True) -> Services
     client = redis_client(settings)
     breaker = CircuitBreaker(settings.breaker_cooldown)
     cache_cls = RedisCache if settings.cache_enabled else DisabledCache
-    cache = cache_cls(client, breaker)
+    cache = cache_cls(client, breaker, counter_interval=settings.counter_flush_interval)
     l1 = L1Cache()
     services = Services(settings, db, client, cache, AggregateStore(cache), l1)
     if subscribe_l1 and settings.cache_enabled:
         # Pub/sub blocks on reads: its connection must not share the request timeout.
-        listener = redis_client(settings, socket_timeout=None)
+        # Nor retry by itself: a lost connection must surface so that the L1 is cleared.
+        listener = redis_client(settings, socket_timeout=None, retry=Retry(NoBackoff(), 0))
         services.l1_subscriber = L1Subscriber(listener, l1).start()
         # Subscribing clears the L1 (what was published before is unknown): let that happen
         # before the first request fills it, or the first values are dropped again at once.

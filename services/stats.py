@@ -123,14 +123,14 @@ def project_stats(services: Services, actor: Actor, project_id: str, lookup=None
     session, the project (`lookup`), the stats hash and the read tally together."""
     get_project(services, actor, project_id, lookup)
     return read_stats(services, PROJECT_STATS, actor, project_id,
-                      also=_count_read(actor.org_id, project_id), prefetched=prefetched)
+                      also=_count_read(services, actor.org_id, project_id), prefetched=prefetched)
 
 
 def project_stats_reads(services: Services, org_id: str, project_id: str) -> list:
     """What a project stats request reads, for the session's round trip."""
     return [keys.project(org_id, project_id),
             services.aggregates.side_read(PROJECT_STATS, org_id, project_id,
-                                          also=_count_read(org_id, project_id))]
+                                          also=_count_read(services, org_id, project_id))]
 
 
 # Reads of project stats per hour, the warm-ups' measure of "busiest" (tasks/warmup.py).
@@ -141,13 +141,14 @@ def hot_projects_key(hours_ago: int = 0) -> str:
     return f"hot:projects:{int(time.time() // 3600) - hours_ago}"
 
 
-def _count_read(org_id: str, project_id: str):
-    """The read tally, queued on the stats read's pipeline (no round trip of its own)."""
-    key = hot_projects_key()
+def _count_read(services: Services, org_id: str, project_id: str):
+    """Count the read in this process; the batch rides on the stats read's pipeline when due
+    (no round trip of its own, and not one write per read to a single key)."""
+    counters = services.cache.counters
 
     def queue(pipe) -> None:
-        pipe.zincrby(key, 1, f"{org_id}:{project_id}")
-        pipe.expire(key, HOT_PROJECTS_TTL)
+        counters.zincr(hot_projects_key(), f"{org_id}:{project_id}", HOT_PROJECTS_TTL)
+        counters.queue_flush(pipe)
     return queue
 
 

@@ -17,21 +17,34 @@ from cache import keys
 
 
 def raw(services) -> redis.Redis:
-    """A plain client on the same private Redis (db 0) the app under test uses."""
-    return redis.Redis.from_url(services.settings.redis_url, socket_timeout=5)
+    """A client of the same private Redis (db 0), or Redis Cluster, the app under test uses."""
+    from services.context import redis_client
+
+    return redis_client(services.settings, socket_timeout=5, socket_connect_timeout=5)
+
+
+def current_tokens(r: redis.Redis, key: keys.Key) -> str:
+    tokens = [r.get(v) for v in key.versions]
+    assert all(tokens), f"no version tokens for {key.name}"
+    return ".".join(t.decode() for t in tokens)
 
 
 def stored_names(r: redis.Redis, key: keys.Key) -> list[str]:
-    """The stored value names of `key` (any version), found by scanning: fine in tests only."""
-    return sorted(n.decode() for n in r.scan_iter(match=key.name.replace("[", "\\[") + "@*",
-                                                  count=1000))
+    """The names holding a value of `key` (of any version: one name, the value carries them)."""
+    return [key.name] if r.exists(key.name) else []
 
 
 def current_value_name(r: redis.Redis, key: keys.Key) -> str:
-    """The name the next lookup of `key` reads: its base name at the current version tokens."""
-    tokens = [r.get(v) for v in key.versions]
-    assert all(tokens), f"no version tokens for {key.name}"
-    return key.name + "@" + ".".join(t.decode() for t in tokens)
+    """The name the next lookup of `key` reads (its value, at the current version tokens)."""
+    assert current_blob(r, key) is not None, f"no current value for {key.name}"
+    return key.name
+
+
+def current_blob(r: redis.Redis, key: keys.Key) -> bytes | None:
+    """The stored blob of `key` if it was stored under the current version tokens."""
+    from cache.store import unwrap
+
+    return unwrap(r.get(key.name), current_tokens(r, key))
 
 
 def ttl_of(r: redis.Redis, key: keys.Key) -> int:
@@ -70,16 +83,26 @@ class RoundTrips:
     commands: list[str] = field(default_factory=list)
 
 
+def redis_port(services) -> int | set[int]:
+    """The port of the app's Redis (of a cluster: every node's)."""
+    client = services.redis
+    if hasattr(client, "get_nodes"):
+        return {node.port for node in client.get_nodes()}
+    return client.connection_pool.connection_kwargs["port"]
+
+
 @contextlib.contextmanager
 def count_round_trips(services):
     """Counts `send_packed_command` on connections to the app's Redis port, from this thread
     only (the L1 subscriber thread and other tests' threads are not counted)."""
-    port = services.redis.connection_pool.connection_kwargs["port"]
+    port = redis_port(services)
     trips = RoundTrips(port)
     original = AbstractConnection.send_packed_command
 
     def counting(self, command, check_health=True):
-        if getattr(self, "port", None) == port and threading.get_ident() == trips.thread:
+        mine = getattr(self, "port", None)
+        if (mine in port if isinstance(port, set) else mine == port) \
+                and threading.get_ident() == trips.thread:
             trips.count += 1
             first = command[0] if isinstance(command, list) else command
             trips.commands.append(bytes(first)[:60].decode(errors="replace"))

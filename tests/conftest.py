@@ -16,6 +16,7 @@ os.environ.setdefault("PASSWORD_HASH_MEMORY_KIB", "1024")  # argon2 stays argon2
 
 from config import Settings  # noqa: E402
 from db.migrations import upgrade  # noqa: E402
+from stack.redis_cluster import RedisCluster  # noqa: E402
 from stack.redis_server import RedisServer  # noqa: E402
 
 MARIADB_ADMIN_URL = os.environ.get("TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306")
@@ -31,6 +32,14 @@ def redis_server():
     server = RedisServer.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """A private Redis Cluster (3 masters, 1 replica each) for the session."""
+    cluster = RedisCluster.start()
+    yield cluster
+    cluster.stop()
 
 
 @contextmanager
@@ -64,14 +73,27 @@ def database_url(request, tmp_path_factory):
         yield url
 
 
+def redis_mode() -> str:
+    """TEST_REDIS=cluster runs the cache on a private Redis Cluster (the broker stays on the
+    private redis-server); the default is the single private redis-server."""
+    return os.environ.get("TEST_REDIS", "single").strip().lower() or "single"
+
+
 @pytest.fixture
-def settings(database_url, redis_server) -> Settings:
+def settings(request, database_url, redis_server) -> Settings:
     import redis
 
     redis.Redis.from_url(redis_server.url_for(0)).flushall()
+    cluster_url = None
+    if redis_mode() == "cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        cluster.flushall()
+        cluster_url = cluster.url
+    # Counters flushed on every request: a test reads them right after (their batching has
+    # tests of its own).
     return Settings(database_url=database_url, redis_url=redis_server.url_for(0),
                     celery_broker_url=redis_server.url_for(1), secret_key="test-secret-" + "x" * 32,
-                    breaker_cooldown=0.5)
+                    breaker_cooldown=0.5, redis_cluster_url=cluster_url, counter_flush_interval=0)
 
 
 @pytest.fixture

@@ -99,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         cold = []
         pid2 = project()
         for i in range(min(args.writes, 50)):
-            services.redis.delete(f"{PROJECT_STATS.name(org_id, pid2)}@"
-                                  f"{services.redis.get(f'v:org:{org_id}').decode()}")
+            services.redis.delete(PROJECT_STATS.name(org_id, pid2))
             task_service.create_task(services, actor, pid2, {"title": "t"})
             while True:
                 snap = services.aggregates.read(PROJECT_STATS, org_id, pid2)

@@ -81,11 +81,11 @@ def cache_report(ctx) -> dict:
     breaker = ctx.cache.breaker.state
     try:
         def probe():
+            ctx.cache.flush_counters()  # this process's pending tally counts too
             pipe = ctx.redis.pipeline(transaction=False)
-            pipe.info()
             pipe.hgetall(tally_key())
             pipe.hgetall(tally_key(1))
-            return pipe.execute()
+            return (server_info(ctx.redis), *pipe.execute())
         info, now, before = ctx.cache.call("health", probe)
     except Exception as exc:
         return {"status": "unhealthy", "hit_rate": None, "memory_used_mb": None,
@@ -103,6 +103,20 @@ def cache_report(ctx) -> dict:
         "breaker": breaker,
         "window": "last 1-2 hours, all API processes",
     }
+
+
+def server_info(client) -> dict:
+    """INFO of a single Redis; of a cluster, summed over its masters (memory, clients, evictions)."""
+    from redis.cluster import RedisCluster
+
+    if not isinstance(client, RedisCluster):
+        return client.info()
+    per_node = list(client.info(target_nodes=RedisCluster.PRIMARIES).values())
+    summed = dict(per_node[0])
+    for field in ("used_memory", "connected_clients", "evicted_keys"):
+        summed[field] = sum(int(info.get(field, 0)) for info in per_node)
+    summed["cluster_masters"] = len(per_node)
+    return summed
 
 
 @bp.get("/metrics")
