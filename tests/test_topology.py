@@ -268,3 +268,31 @@ def test_when_the_active_beat_dies_the_other_takes_over_and_never_doubles(topolo
     ran = log_events(topology.log("worker-1") + topology.log("worker-2"),
                      r"Task tasks\.outbox\.sweep\[.*\] succeeded")
     assert [t for t in ran if t > taken[0]], "no sweep ran after the takeover"
+
+
+def test_a_killed_cache_master_fails_over_without_5xx_or_stale_reads(topology, edge):
+    account = sign_up(edge)
+    headers = account["headers"]
+    org = account["organization"]["id"]
+    project = edge.post("/api/projects", json={"name": "Before"}, headers=headers).json["id"]
+    path = f"/api/projects/{project}"
+    on_every_instance(edge, path, headers, lambda a: a.json["name"] == "Before")
+
+    dead = topology.kill_cache_master_of("{o:%s}" % org)  # the organization's shard
+    statuses, names = [], []
+    for n in range(10):
+        written = edge.patch(path, json={"name": f"During {n}"}, headers=headers)
+        statuses.append(written.status_code)
+        read = edge.get(path, headers=headers)
+        statuses.append(read.status_code)
+        names.append(read.json["name"])
+        # Read-your-writes holds through the outage: a missing shard is a miss, never old data.
+        assert read.json["name"] == f"During {n}", (n, read.json)
+    assert set(statuses) == {200}, statuses
+
+    topology.wait_for_failover("{o:%s}" % org, dead)
+    final = edge.patch(path, json={"name": "After"}, headers=headers)
+    assert final.status_code == 200
+    on_every_instance(edge, path, headers, lambda a: a.json["name"] == "After")
+    wait_for(lambda: edge.get(path, headers=headers).headers["X-Cache"] == "HIT-L2", 30,
+             "the promoted replica serving the shard's cache again")

@@ -14,7 +14,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import redis
 import requests
+from redis.cluster import ClusterNode
 
 from stack.redis_server import free_port
 
@@ -23,8 +25,8 @@ START_TIMEOUT = 150.0
 STOP_TIMEOUT = 40.0
 SECRET_KEY = "test-secret-" + "x" * 32
 # Outer settings the topology must not inherit: it starts its own cache and broker.
-NOT_INHERITED = ("REDIS_URL", "CELERY_BROKER_URL", "PROMETHEUS_MULTIPROC_DIR", "WEB_PORT",
-                 "FLOWER_PORT", "STACK_VAR_DIR", "INSTANCE_NAME")
+NOT_INHERITED = ("REDIS_URL", "REDIS_CLUSTER_URL", "CELERY_BROKER_URL", "PROMETHEUS_MULTIPROC_DIR",
+                 "WEB_PORT", "FLOWER_PORT", "STACK_VAR_DIR", "INSTANCE_NAME")
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
@@ -114,7 +116,7 @@ class RunningTopology:
         environment.update(
             DATABASE_URL=database_url, SECRET_KEY=SECRET_KEY, STACK_VAR_DIR=str(directory),
             WEB_PORT=str(web_port), FLOWER_PORT=str(free_port()),
-            FLOWER_BASIC_AUTH="test:flower-password", WEB_CONCURRENCY="1",
+            FLOWER_BASIC_AUTH="test:flower-password", WEB_CONCURRENCY="1", STACK_USER="root",
             PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT),
                                                      os.environ.get("PYTHONPATH")])))
         environment.update({k: str(v) for k, v in env.items()})
@@ -163,6 +165,33 @@ class RunningTopology:
         assert pid, f"{name} is not running"
         os.killpg(pid, signal.SIGKILL)
         return pid
+
+    def kill_cache_master_of(self, key: str) -> tuple[str, int]:
+        """SIGKILL the Redis Cluster master serving `key`; returns its (host, port)."""
+        node = self.cache().get_node_from_key(key)
+        pid = redis.Redis(node.host, node.port).info("server")["process_id"]
+        os.kill(pid, signal.SIGKILL)
+        return node.host, node.port
+
+    def cache(self) -> "redis.RedisCluster":
+        from stack.redis_cluster import parse_cluster_url
+
+        seeds = [ClusterNode(host, port)
+                 for host, port in parse_cluster_url(self.state()["redis_cluster_url"])]
+        return redis.RedisCluster(startup_nodes=seeds, require_full_coverage=False,
+                                  socket_timeout=2)
+
+    def wait_for_failover(self, key: str, dead: tuple[str, int], timeout: float = 60.0) -> None:
+        def promoted():
+            try:
+                client = self.cache()
+                node = client.get_node_from_key(key)
+                return (node.host, node.port) != dead and client.ping() and \
+                    b"cluster_state:ok" in redis.Redis(node.host, node.port).execute_command(
+                        "CLUSTER", "INFO")
+            except (redis.RedisError, OSError):
+                return False
+        wait_for(promoted, timeout, f"a replica to take over from {dead}", 0.5)
 
     def wait_restarted(self, name: str, old_pid: int, timeout: float = 60.0) -> int:
         return wait_for(lambda: (pid := self.pid(name)) and pid != old_pid and pid, timeout,
