@@ -8,7 +8,7 @@ beats of which the one holding the lock schedules; Flower. The children run unde
 stack/supervisor.py, as `make up`'s do: one that dies is started again with backoff while the
 others carry on; Ctrl-C or SIGTERM stops everything.
 
-    python -m stack.cluster [--instances N] [--log-dir DIR]
+    python -m stack.cluster [--instances N] [--cache cluster|single] [--log-dir DIR]
 """
 
 from __future__ import annotations
@@ -68,6 +68,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m stack.cluster",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--instances", type=int, default=2, help="API instances (default 2)")
+    parser.add_argument("--cache", choices=("cluster", "single"), default="cluster",
+                        help="the cache on a Redis Cluster (default) or on one private "
+                             "redis-server (the benchmark's comparison)")
     parser.add_argument("--log-dir", type=Path,
                         help="one log file per child here instead of this terminal")
     return parser.parse_args(argv)
@@ -76,9 +79,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # --- servers the supervisor does not restart ----------------------------------------------------
 
 
-def start_cache(cleanups: list[Callable[[], None]]) -> None:
+def start_cache(cleanups: list[Callable[[], None]], kind: str) -> None:
     """The cache: the Redis Cluster REDIS_CLUSTER_URL names, else one of our own: three masters
-    with a replica each, every node evicting (allkeys-lru) within CACHE_MAXMEMORY."""
+    with a replica each, every node evicting (allkeys-lru) within CACHE_MAXMEMORY. `single`: one
+    private redis-server instead, through the same code path."""
+    if kind == "single":
+        os.environ.pop("REDIS_CLUSTER_URL", None)
+        server = RedisServer.start(extra_args=["--maxmemory", CACHE_MAXMEMORY])
+        cleanups.append(server.stop)
+        export(REDIS_URL=server.url_for(0))
+        log(f"cache: one private redis-server on port {server.port} (--cache single)")
+        return
     if os.environ.get("REDIS_CLUSTER_URL"):
         log(f"cache: the Redis Cluster at {redact_url(os.environ['REDIS_CLUSTER_URL'])}")
         return
@@ -179,6 +190,8 @@ class Topology:
                                for name, port in self.worker_metrics.items()},
             "pids": pids,
             "redis_cluster_url": os.environ.get("REDIS_CLUSTER_URL"),
+            "redis_url": None if os.environ.get("REDIS_CLUSTER_URL") else os.environ.get(
+                "REDIS_URL"),
             "broker_url": os.environ.get("CELERY_BROKER_URL"),
         }
         path = RUN_DIR / STATE_FILE
@@ -219,7 +232,7 @@ def run(args: argparse.Namespace, stop: StopRequest) -> int:
         RUN_DIR.mkdir(parents=True, exist_ok=True)
         if args.log_dir:
             args.log_dir.mkdir(parents=True, exist_ok=True)
-        start_cache(cleanups)
+        start_cache(cleanups, args.cache)
         start_broker(cleanups)
         settings = load_settings()
         export(SECRET_KEY=settings.secret_key, DATABASE_URL=settings.database_url,
