@@ -11,7 +11,7 @@ BENCH_ARGS ?=
 PYTEST_ARGS ?=
 QUICK ?=
 
-.PHONY: install up test test-cluster bench ops-check lock clean
+.PHONY: install up up-cluster test test-cluster bench ops-check lock clean
 
 install: $(UV)
 	@$(UV) sync --frozen --quiet
@@ -23,6 +23,11 @@ $(UV):
 
 up: install
 	$(VENV_PYTHON) -m stack.up $(ARGS)
+
+# nginx in front of two API instances, a Redis Cluster cache, a broker Redis, two workers, two beats
+# (one schedules), Flower. Installs nginx (Debian's package) when missing. See stack/cluster.py.
+up-cluster: install
+	$(VENV_PYTHON) -m stack.cluster $(ARGS)
 
 test: install
 	@echo "TEST_DATABASES=$${TEST_DATABASES:-(unset: the tests' default)}"

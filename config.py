@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
@@ -50,6 +51,8 @@ class Settings:
     # Debounce window for coalesced aggregate recomputes.
     recompute_countdown: float = 0.2
     login_failures_per_minute: int = 10
+    # Named in every answer's X-Instance header (unique per API server behind a balancer).
+    instance_name: str = field(default_factory=socket.gethostname)
     # Where `make up` binds the API and Flower: loopback unless set (0.0.0.0 for every interface).
     bind_address: str = "127.0.0.1"
     # The user `make up` runs its children as when started by root ("root" keeps root).
@@ -81,12 +84,17 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         cache_enabled=_flag(env.get("CACHE_ENABLED"), True),
         access_token_ttl=int(env.get("ACCESS_TOKEN_TTL") or 900),
         recompute_countdown=float(env.get("RECOMPUTE_COUNTDOWN") or 0.2),
+        instance_name=env.get("INSTANCE_NAME") or _default_instance_name(env),
         bind_address=env.get("BIND_ADDRESS") or "127.0.0.1",
         stack_user=env.get("STACK_USER") if env.get("STACK_USER") is not None else "nobody",
         login_failures_per_address=int(env.get("LOGIN_FAILURES_PER_ADDRESS") or 30),
         trusted_proxies=tuple(p.strip() for p in (env.get("TRUSTED_PROXIES") or "").split(",")
                               if p.strip()),
     )
+
+
+def _default_instance_name(env: Mapping[str, str]) -> str:
+    return f"{socket.gethostname()}:{env.get('WEB_PORT') or 8000}"
 
 
 def _dev_secret_key() -> str:

@@ -69,6 +69,21 @@ def ratios(r: dict) -> dict:
                                                        _get(c, name, "p50_ms"))
         out[f"{prefix}_cached_vs_uncached_p99"] = _div(_get(u, name, "p99_ms"),
                                                        _get(c, name, "p99_ms"))
+    t = r.get("topology", {})
+    out["topology_stats_vs_health_rps"] = _div(_get(t, "cluster", "stats_small", "rps"),
+                                               _get(t, "cluster", "health", "rps"))
+    out["topology_stats_vs_health_p50"] = _div(_get(t, "cluster", "stats_small", "p50_ms"),
+                                               _get(t, "cluster", "health", "p50_ms"))
+    # > 1: a warm read costs more on the cluster than on one Redis (same topology otherwise).
+    out["cluster_vs_single_redis_cost_per_warm_read"] = _div(
+        _get(t, "single", "stats_small", "rps"), _get(t, "cluster", "stats_small", "rps"))
+    out["cluster_vs_single_redis_p50"] = _div(_get(t, "cluster", "stats_small", "p50_ms"),
+                                              _get(t, "single", "stats_small", "p50_ms"))
+    # The same, each run's stats throughput taken relative to its own /health: the two stacks run
+    # one after the other, and on a shared machine the load around them differs.
+    out["cluster_vs_single_redis_cost_vs_health"] = _div(
+        _div(_get(t, "single", "stats_small", "rps"), _get(t, "single", "health", "rps")),
+        out["topology_stats_vs_health_rps"])
     out = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
     out["targets"] = {}
     for name, (op, bound) in TARGETS.items():
@@ -108,6 +123,33 @@ def _met(r: dict, name: str) -> str:
     if not t or t["met"] is None:
         return f"{t['target'] if t else ''} (n/a)"
     return f"{t['target']} {'met' if t['met'] else 'MISSED'}"
+
+
+def topology_rows(r: dict) -> list[str]:
+    """The `make up-cluster` rows: through nginx, two API instances, cache on the Redis Cluster
+    (then on one redis-server for the last two rows)."""
+    t, q = r.get("topology", {}), r["ratios"]
+    if not t:
+        return []
+    cl, single = t.get("cluster", {}), t.get("single", {})
+    s, h = cl.get("stats_small", {}), cl.get("health", {})
+    ss = single.get("stats_small", {})
+    return [
+        f"| Topology (`make up-cluster`): warm stats via nginx vs `/health` via nginx: "
+        f"throughput | {_rps(s.get('rps'))} | {_rps(h.get('rps'))} | "
+        f"{_x(q['topology_stats_vs_health_rps'])} | |",
+        f"| Topology: same, p50 | {_ms(s.get('p50_ms'))} | {_ms(h.get('p50_ms'))} | "
+        f"{_x(q['topology_stats_vs_health_p50'])} slower | |",
+        f"| Topology: warm stats, cache on the Redis Cluster vs one redis-server: cost per read "
+        f"(inverse throughput) | {_rps(s.get('rps'))} | {_rps(ss.get('rps'))} | "
+        f"{_x(q['cluster_vs_single_redis_cost_per_warm_read'])} | |",
+        f"| Topology: same, p50 | {_ms(s.get('p50_ms'))} | {_ms(ss.get('p50_ms'))} | "
+        f"{_x(q['cluster_vs_single_redis_p50'])} | |",
+        f"| Topology: same cost per read, each run relative to its own `/health` via nginx "
+        f"(`/health`: {_rps(h.get('rps'))} cluster run, "
+        f"{_rps(single.get('health', {}).get('rps'))} single run) | | | "
+        f"{_x(q['cluster_vs_single_redis_cost_vs_health'])} | |",
+    ]
 
 
 def markdown(r: dict) -> str:
@@ -226,6 +268,7 @@ def markdown(r: dict) -> str:
     if sizing:
         lines += ["", "`flask --app web cache-size` on this dataset, after the load:", "", "```",
                   sizing["table"], "```"]
+    lines += topology_rows(r)
     if r.get("notes"):
         lines += ["", "Notes: " + "; ".join(r["notes"]) + "."]
     return "\n".join(lines) + "\n"

@@ -47,6 +47,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="wrk threads")
     parser.add_argument("--no-workers", action="store_true",
                         help="start the API without the Celery worker, beat and Flower")
+    parser.add_argument("--no-topology", action="store_true",
+                        help="skip the `make up-cluster` phase")
+    parser.add_argument("--topology-only", action="store_true",
+                        help="only the `make up-cluster` phase (bench/results/topology.json; "
+                             "BENCHMARKS.md untouched)")
     parser.add_argument("--no-markdown", action="store_true",
                         help="write bench/results/latest.json only, leave BENCHMARKS.md alone")
     return parser.parse_args(argv)
@@ -418,13 +423,55 @@ class Bench:
             stack.stop()
         return out
 
+    def topology_phase(self) -> dict:
+        """`make up-cluster` (nginx, two API instances, workers, beats) twice: the cache on the
+        Redis Cluster, then on one redis-server. Warm stats through the balancer against /health
+        through the balancer, and what the cluster costs a warm read against a single Redis."""
+        out: dict = {}
+        for cache in ("cluster", "single"):
+            name = f"topology-{cache}"
+            env = {k: v for k, v in self.env(True, name).items()
+                   if k not in ("REDIS_URL", "CELERY_BROKER_URL", "WORKER_METRICS_PORT")}
+            env["STACK_USER"] = "root"  # its run directory lies in the bench's private tempdir
+            stack = Stack(name, env, with_workers=True, log_path=LOG_DIR / f"{name}.log",
+                          command=("stack.cluster", "--cache", cache))
+            self.stack = stack
+            stack.start()
+            try:
+                self.both_instances_answer(stack)
+                sp = self.paths(self.data.small)
+                log(f"{name}: through nginx, two API instances")
+                out[cache] = {"warm": self.warm(sp["stats"], self.token0),
+                              "health": self.measure("/health via nginx", "/health"),
+                              "stats_small": self.measure("stats via nginx", sp["stats"],
+                                                          self.token0)}
+            finally:
+                stack.stop()
+        return out
+
+    def both_instances_answer(self, stack: Stack, timeout: float = 120.0) -> None:
+        client = probes.Client(stack.base)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                seen = {client.get("/health")[2].get("X-Instance") for _ in range(4)}
+                if len(seen - {None}) >= 2:
+                    return
+                time.sleep(0.5)
+        finally:
+            client.close()
+        raise StackFailed(f"{stack.name}: nginx did not reach two instances in {timeout:.0f} s")
+
     # -- the whole run ------------------------------------------------------------------------------
     def run(self) -> int:
         started = time.monotonic()
         try:
             self.setup()
-            self.results["cached"] = self.cached_phase()
-            self.results["uncached"] = self.uncached_phase()
+            if not self.args.topology_only:
+                self.results["cached"] = self.cached_phase()
+                self.results["uncached"] = self.uncached_phase()
+            if not self.args.no_topology:
+                self.results["topology"] = self.topology_phase()
         finally:
             self.cleanup()
         self.results["load"] = {"tool": "wrk", "threads": self.load.threads,
@@ -433,6 +480,11 @@ class Bench:
         self.results["duration_seconds"] = round(time.monotonic() - started, 1)
         self.results["ratios"] = report.ratios(self.results)
         RESULTS.mkdir(parents=True, exist_ok=True)
+        if self.args.topology_only:
+            (RESULTS / "topology.json").write_text(json.dumps(self.results, indent=2) + "\n")
+            print("\n".join(report.topology_rows(self.results)))
+            log(f"wrote {RESULTS / 'topology.json'}")
+            return 0
         (RESULTS / "latest.json").write_text(json.dumps(self.results, indent=2) + "\n")
         log(f"wrote {RESULTS / 'latest.json'}")
         table = report.markdown(self.results)

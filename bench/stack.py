@@ -1,5 +1,6 @@
-"""The system under test, started exactly as `make up` starts it (`python -m stack.up`), pointed
-at the benchmark's database and private Redis through the environment."""
+"""The system under test, started exactly as `make up` starts it (`python -m stack.up`), or as
+`make up-cluster` does (`python -m stack.cluster`), pointed at the benchmark's database (and, for
+`make up`, its private Redis) through the environment."""
 
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ class StackFailed(RuntimeError):
 
 class Stack:
     def __init__(self, name: str, env: dict[str, str], *, with_workers: bool,
-                 log_path: Path) -> None:
+                 log_path: Path, command: tuple[str, ...] = ("stack.up",)) -> None:
         self.name = name
+        self.command = command
         self.env = env
         self.with_workers = with_workers
         self.log_path = log_path
@@ -44,7 +46,7 @@ class Stack:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> "Stack":
-        command = [sys.executable, "-m", "stack.up"]
+        command = [sys.executable, "-m", *self.command]
         if not self.with_workers:
             command.append("--no-workers")
         env = {**os.environ, **self.env}

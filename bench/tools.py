@@ -10,34 +10,12 @@ import subprocess
 import sys
 
 from bench.progress import log
-
-WRK_MISSING = ("wrk is not installed and this is not root: install it with "
-               "`sudo apt-get install wrk` (Debian/Ubuntu), then run `make bench` again")
-
-
-class ToolMissing(RuntimeError):
-    pass
+from stack.apt import ToolMissing, ensure_tool
 
 
 def ensure_wrk() -> str:
     """The path of wrk, installing Debian's package first when it is missing and we are root."""
-    found = shutil.which("wrk")
-    if found:
-        return found
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        raise ToolMissing(WRK_MISSING)
-    log("wrk not found: installing Debian's package (apt-get update; apt-get install -y wrk)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update", "-qq"],
-                    ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "wrk"]):
-        result = subprocess.run(command, env=env, stdin=subprocess.DEVNULL,
-                                capture_output=True, text=True)
-        if result.returncode != 0:
-            raise ToolMissing(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
-    found = shutil.which("wrk")
-    if not found:
-        raise ToolMissing("apt-get installed wrk but it is not on PATH")
-    return found
+    return ensure_tool("wrk", "wrk", log)
 
 
 def ensure_redis_server() -> str:

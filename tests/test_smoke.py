@@ -12,3 +12,11 @@ def test_a_created_project_is_read_back_through_the_cache(client, admin):
     assert first.json == second.json == created.json
     assert first.headers["X-Cache"] == "MISS"
     assert second.headers["X-Cache"] == "HIT-L2"
+
+
+def test_every_answer_names_the_instance_that_served_it(client, settings, admin):
+    answers = [client.get("/health"), client.get("/api/projects", headers=admin.headers),
+               client.get("/api/projects/not-a-uuid", headers=admin.headers)]
+
+    assert {a.headers["X-Instance"] for a in answers} == {settings.instance_name}
+    assert answers[2].status_code in (404, 422)  # error answers name it too

@@ -24,6 +24,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     _attach_worker(app, services)
     _register_blueprints(app)
     _static_headers(app)
+    _instance_header(app, settings.instance_name)
     from web import errors
 
     errors.register(app)
@@ -62,6 +63,14 @@ def _static_headers(app: Flask) -> None:
         if request.path.startswith("/static/") and response.status_code in (200, 304):
             response.headers["Cache-Control"] = "public, max-age=3600, immutable"
             response.add_etag() if not response.get_etag()[0] else None
+        return response
+
+
+def _instance_header(app: Flask, name: str) -> None:
+    """Behind a balancer a client (and a test) can tell which API server answered."""
+    @app.after_request
+    def name_instance(response):
+        response.headers["X-Instance"] = name
         return response
 
 

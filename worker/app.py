@@ -18,6 +18,7 @@ def create_celery(settings, *, include_tasks: bool = False) -> Celery:
     app = Celery("taskcache", include=TASK_MODULES if include_tasks else None)
     app.config_from_object("celeryconfig")
     app.conf.broker_url = settings.celery_broker_url
+    app.conf.redbeat_redis_url = settings.celery_broker_url
     # Settings travel with the app, not through global state (worker.base builds per-process
     # services from them).
     app.taskcache_settings = settings
