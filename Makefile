@@ -11,7 +11,7 @@ BENCH_ARGS ?=
 PYTEST_ARGS ?=
 QUICK ?=
 
-.PHONY: install up test bench lock clean
+.PHONY: install up test bench faults soak lock clean
 
 install: $(UV)
 	@$(UV) sync --frozen --quiet
@@ -31,6 +31,18 @@ test: install
 # Installs wrk (Debian's package) itself when missing; its own database and redis-server. BENCHMARKS.md.
 bench: install
 	$(VENV_PYTHON) -m bench $(if $(QUICK),--quick,) $(BENCH_ARGS)
+
+# Each fault on a fresh `make up` stack under load (its own MariaDB database and redis-servers);
+# ONLY=cache-restart,beat-kill runs some. Not part of `make test`. RELIABILITY.md.
+ONLY ?=
+faults: install
+	$(VENV_PYTHON) -m faults $(if $(ONLY),--only $(ONLY),)
+
+# The benchmark's mixed load for MINUTES (default 30), sampling memory, keys, connections and the
+# outbox backlog. RELIABILITY.md.
+MINUTES ?= 30
+soak: install
+	$(VENV_PYTHON) -m faults.soak --minutes $(MINUTES)
 
 lock: $(UV)
 	$(UV) lock

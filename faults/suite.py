@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench.load import Load
 from bench.run import write_plans
-from bench.stack import StackFailed
+from bench.stack import Stack, StackFailed
 from bench.tools import ToolMissing, ensure_wrk, machine
 from faults import report
 from faults.env import (PROJECT_ROOT, Environment, missing_roles, process_tree,
@@ -35,6 +35,8 @@ class Timing:
     warmup: float = 5.0
     after: float = 5.0  # load after the fault is over, before reading everything back
     converge_limit: float = CONVERGE_LIMIT
+    writers: int = 3
+    readers: int = 3
 
 
 @dataclass
@@ -80,16 +82,20 @@ def log_excerpt(path: Path, limit: int = 12) -> list[str]:
     return hits[:limit]
 
 
-def run_fault(env: Environment, fault: Fault, timing: Timing,
-              wrk_load: Load | None = None, plan: str | None = None) -> Row:
-    """One row: a fresh stack, the load, the fault, the checks, the stack stopped."""
+def run_fault(env: Environment, fault: Fault, timing: Timing, wrk_load: Load | None = None,
+              plan: str | None = None, stack: Stack | None = None) -> Row:
+    """One row: the load, the fault, the checks. On a fresh stack, stopped at the end, unless
+    `stack` is given (the short subset in the tests runs two faults on one stack)."""
     row = Row(fault.name, fault.title, env.backend)
     started = time.monotonic()
     progress = Progress(fault.name)
-    stack = env.start_stack(f"{fault.name}-{env.backend}")
+    own_stack = stack is None
+    if stack is None:
+        stack = env.start_stack(f"{fault.name}-{env.backend}")
     sup = stack.process.pid
     before = process_tree(sup)
-    load = Workload(stack.port, env.data, env.tokens, wrk_load=wrk_load, plan=plan).start()
+    load = Workload(stack.port, env.data, env.tokens, writers=timing.writers,
+                    readers=timing.readers, wrk_load=wrk_load, plan=plan).start()
     try:
         progress.phase("warm-up load", load.ledger)
         progress.wait(timing.warmup, load.ledger)
@@ -140,12 +146,12 @@ def run_fault(env: Environment, fault: Fault, timing: Timing,
     missing = missing_roles(after)
     row.processes = ("all running" if row.processes_ok else "MISSING " + ", ".join(missing)) + \
         (f"; replaced: {', '.join(replaced)}" if replaced else "")
-    stack_log = stack.log_path
-    orphans = env.stop_stack(stack)
-    row.orphans = len(orphans)
-    if orphans:
-        row.problems.append(f"{len(orphans)} processes outlived the stack (killed): {orphans}")
-    row.log_excerpt = log_excerpt(stack_log)
+    if own_stack:
+        orphans = env.stop_stack(stack)
+        row.orphans = len(orphans)
+        if orphans:
+            row.problems.append(f"{len(orphans)} processes outlived the stack (killed): {orphans}")
+    row.log_excerpt = log_excerpt(stack.log_path)
     row.seconds = round(time.monotonic() - started, 1)
     row.passed = (row.lost == 0 and row.status_5xx == 0 and row.stale == 0 and row.stats_exact
                   and row.processes_ok and row.unreached == 0 and not row.problems

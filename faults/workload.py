@@ -21,6 +21,7 @@ from bench.seed import Dataset, OrgInfo, ProjectInfo
 STATUSES = ("TODO", "IN_PROGRESS", "BLOCKED", "COMPLETED")
 PRIORITIES = ("LOW", "MEDIUM", "HIGH", "URGENT")
 FIELDS = ("title", "status", "priority", "assignee_id")
+UNANSWERED_PAUSE = 0.2  # a refused connection answers at once: no spinning while the API is down
 
 
 class NoAnswer(Exception):
@@ -163,6 +164,7 @@ class Writer(threading.Thread):
             with self.ledger.lock:
                 c.writes_unanswered += 1
                 c.note(str(exc)[:200])
+            time.sleep(UNANSWERED_PAUSE)
             return None
         self.ledger.answer(status, f"{method} {path}", payload)
         if 200 <= status < 300:
@@ -268,6 +270,7 @@ class Reader(threading.Thread):
                 c.reads += 1
                 c.reads_unanswered += 1
                 c.note(str(exc)[:200])
+            time.sleep(UNANSWERED_PAUSE)
             return
         with self.ledger.lock:
             c.reads += 1
