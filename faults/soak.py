@@ -131,7 +131,7 @@ def summarize(samples: list[dict], warmup_s: float) -> list[dict]:
         end = statistics.mean(tail[-3:])
         if "(cumulative)" in name or "Threads_connected" in name:
             flat = True  # a cumulative counter, or other people's connections: shown, not judged
-        elif base < SMALL:
+        elif base < SMALL and not unit_of(name):
             flat = end - base < SMALL
         else:
             flat = (end - base) / base < FLAT

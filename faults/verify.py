@@ -46,7 +46,8 @@ class Pinned:
     def get(self, path: str, token: str) -> tuple[int, object]:
         """Sent only on a connection known to be held by `pid`, so the answer is that process's."""
         for _ in range(PIN_ATTEMPTS):
-            if self.client.conn is None:
+            if not self.client.reusable():
+                self.client.close()
                 self.client = pin_one(self.port, self.pid, self.worker_pids)
             self.client.headers = {"Authorization": f"Bearer {token}"}
             try:

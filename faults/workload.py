@@ -21,6 +21,10 @@ from bench.seed import Dataset, OrgInfo, ProjectInfo
 STATUSES = ("TODO", "IN_PROGRESS", "BLOCKED", "COMPLETED")
 PRIORITIES = ("LOW", "MEDIUM", "HIGH", "URGENT")
 FIELDS = ("title", "status", "priority", "assignee_id")
+# A connection idle longer than this is replaced before use: gunicorn closes idle keep-alive
+# connections after 2 s, and a request sent as it closes gets no answer (a client-side race that
+# would count as an unanswered write).
+IDLE_REUSE = 1.0
 UNANSWERED_PAUSE = 0.2  # a refused connection answers at once: no spinning while the API is down
 
 
@@ -36,8 +40,14 @@ class Http:
         self.timeout = timeout
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.conn: http.client.HTTPConnection | None = None
+        self.used = 0.0
+
+    def reusable(self) -> bool:
+        return self.conn is not None and time.monotonic() - self.used <= IDLE_REUSE
 
     def connect(self) -> http.client.HTTPConnection:
+        if self.conn is not None and not self.reusable():
+            self.close()  # gunicorn may be closing it right now (keep-alive timeout, 2 s)
         if self.conn is None:
             self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
             self.conn.connect()
@@ -58,6 +68,7 @@ class Http:
             conn.request(method, path, body=data, headers=headers)
             resp = conn.getresponse()
             raw = resp.read()
+            self.used = time.monotonic()
         except (http.client.HTTPException, OSError) as exc:
             self.close()
             raise NoAnswer(f"{method} {path}: {exc!r}") from exc
