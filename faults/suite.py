@@ -112,6 +112,7 @@ def run_fault(env: Environment, fault: Fault, timing: Timing, wrk_load: Load | N
     row.status_5xx = c.status_5xx + load.wrk_5xx()
     row.wrk_requests = load.wrk_result.requests if load.wrk_result else 0
     row.examples += c.examples[:5]
+    row.problems += [f"load thread died: {crash}" for crash in c.crashed]
     if load.wrk_error:
         row.problems.append(f"wrk: {load.wrk_error}")
 

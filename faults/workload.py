@@ -105,6 +105,7 @@ class Counters:
     reads_unanswered: int = 0
     status_5xx: int = 0
     status_4xx: int = 0
+    crashed: list[str] = field(default_factory=list)  # load threads that died: a harness bug
     examples: list[str] = field(default_factory=list)
 
     def note(self, text: str) -> None:
@@ -156,6 +157,9 @@ class Writer(threading.Thread):
         try:
             while not self.stop_flag.is_set():
                 self.one()
+        except Exception as exc:
+            with self.ledger.lock:
+                self.ledger.counters.crashed.append(f"{self.name}: {exc!r}")
         finally:
             self.http.close()
 
@@ -244,7 +248,7 @@ class Reader(threading.Thread):
                  ledger: Ledger, stop: threading.Event) -> None:
         super().__init__(name=f"reader-{n}", daemon=True)
         self.clients = {org: Http(port, tok) for org, tok in tokens.items()}
-        self.data = data
+        self.projects = [p for p in data.projects if p.sample_task_ids]
         self.ledger = ledger
         self.stop_flag = stop
         self.rng = random.Random(2000 + n)
@@ -253,12 +257,15 @@ class Reader(threading.Thread):
         try:
             while not self.stop_flag.is_set():
                 self.one()
+        except Exception as exc:
+            with self.ledger.lock:
+                self.ledger.counters.crashed.append(f"{self.name}: {exc!r}")
         finally:
             for client in self.clients.values():
                 client.close()
 
     def one(self) -> None:
-        project = self.rng.choice(self.data.projects)
+        project = self.rng.choice(self.projects)
         roll = self.rng.random()
         tracked = [t for t in self.ledger.live_tasks() if t.org_id == project.org_id]
         if roll < 0.35:
