@@ -92,7 +92,9 @@ def soak_markdown(results: dict) -> str:
         f"Redis {m.get('redis')}, MariaDB {m.get('mariadb')}. Load: the benchmark's mixed "
         f"workload (wrk, {results['connections']} connections, "
         f"{results.get('rps', 0):,.0f} req/s on average, 5xx: {results.get('status_5xx', 0)}) on "
-        f"the benchmark's quick dataset.",
+        f"the benchmark's quick dataset; the cache Redis runs allkeys-lru under "
+        f"maxmemory {results.get('cache_maxmemory', '?')} (large enough not to evict: the soak "
+        f"measures what the cache holds), the broker on its own redis-server.",
         "",
         "| Series | Start | After warm-up | Peak | End | Growth after warm-up | Flat (< 5%) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -102,9 +104,30 @@ def soak_markdown(results: dict) -> str:
                      f"{_fmt(s['after_warmup'], s['unit'])} | {_fmt(s['peak'], s['unit'])} | "
                      f"{_fmt(s['end'], s['unit'])} | {_growth(s['growth'])} | "
                      f"{'yes' if s['flat'] else '**no**'} |")
+    for name in ("cache Redis keys", "cache Redis used memory",
+                 "RSS all Celery-side processes (worker, pool, beat, Flower)"):
+        points = _over_time(results.get("raw", []), name, results["minutes"])
+        if points:
+            lines += ["", f"{name} over time: " + ", ".join(
+                f"{t:g} min {_fmt(v, 'MB' if 'RSS' in name or 'memory' in name else '')}"
+                for t, v in points) + "."]
     if results.get("notes"):
         lines += ["", "Notes: " + " ".join(results["notes"])]
     return "\n".join(lines) + "\n"
+
+
+def _over_time(raw: list[dict], name: str, minutes: float, points: int = 10) -> list:
+    """The series at about `points` evenly spaced moments (the sample nearest each)."""
+    samples = [(s["t"] / 60, s["values"][name]) for s in raw if name in s["values"]]
+    if not samples:
+        return []
+    step = minutes / points
+    out = []
+    for i in range(points + 1):
+        t, v = min(samples, key=lambda sample: abs(sample[0] - i * step))
+        if not out or out[-1][0] != round(t, 1):
+            out.append((round(t, 1), v))
+    return out
 
 
 def _fmt(value, unit: str) -> str:

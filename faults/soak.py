@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=8, help="wrk connections")
     parser.add_argument("--no-markdown", action="store_true",
                         help="write faults/results/soak.json only, leave RELIABILITY.md alone")
+    parser.add_argument("--render", action="store_true",
+                        help="only write RELIABILITY.md again from faults/results/soak.json")
     return parser.parse_args(argv)
 
 
@@ -146,6 +148,10 @@ def summarize(samples: list[dict], warmup_s: float) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render:
+        results = json.loads((RESULTS / "soak.json").read_text())
+        report.update(PROJECT_ROOT / "RELIABILITY.md", "soak", report.soak_markdown(results))
+        return 0
     seconds = args.minutes * 60
     interval = args.interval or (30.0 if args.minutes >= 10 else max(5.0, seconds / 20))
     warmup = min(300.0, seconds * 0.25)
@@ -158,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                                                if args.minutes != 30 else ""),
                      "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                      "minutes": args.minutes, "interval_s": interval, "warmup_s": warmup,
-                     "connections": args.connections, "notes": []}
+                     "connections": args.connections, "cache_maxmemory": SOAK_MAXMEMORY,
+                     "notes": []}
     with Environment("mariadb", size=QUICK, log=log, cache_maxmemory=SOAK_MAXMEMORY) as env:
         results["machine"] = machine(env.db_version)
         stack = env.start_stack("soak")

@@ -187,11 +187,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-markdown", action="store_true",
                         help="write faults/results/faults.json only, leave RELIABILITY.md alone")
     parser.add_argument("--list", action="store_true", help="list the faults and exit")
+    parser.add_argument("--render", action="store_true",
+                        help="only write RELIABILITY.md again from faults/results/faults.json")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render:
+        results = json.loads((RESULTS / "faults.json").read_text())
+        report.update(PROJECT_ROOT / "RELIABILITY.md", "faults", report.faults_markdown(results))
+        return 0
     if args.list:
         for f in FAULTS:
             print(f"{f.name:22} {f.title}")
