@@ -31,6 +31,13 @@ MISSING: Any = object()
 HIT_L1, HIT_L2, MISS, STALE, BYPASS = "HIT-L1", "HIT-L2", "MISS", "STALE", "BYPASS"
 
 VERSION_TTL = 86_400
+# How long "event applied" markers stop a second application of the same event's bumps. The
+# second one normally comes within seconds (the web applies after commit, the worker from the
+# outbox); one arriving later (a redelivery after the 300 s visibility timeout, a sweep re-send
+# after a long broker outage) only bumps again: its values are retired once more (a miss each),
+# never served stale. One marker per write event: kept for a day (VERSION_TTL) they were the
+# cache's key count growing for a day under steady writes (the soak in RELIABILITY.md).
+EVENT_MARKER_TTL = 600
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 _LOOKUP = """
@@ -69,7 +76,7 @@ return 0
 # Bump version keys unless this event was applied already (the web process applies it after
 # commit, the worker again from the outbox: whichever comes second changes nothing).
 _BUMP = """
-if ARGV[3] ~= '' and redis.call('SET', ARGV[3], '1', 'NX', 'EX', ARGV[2]) == false then
+if ARGV[3] ~= '' and redis.call('SET', ARGV[3], '1', 'NX', 'EX', ARGV[4]) == false then
   return 0
 end
 for i, k in ipairs(KEYS) do redis.call('SET', k, ARGV[1] .. i, 'EX', ARGV[2]) end
@@ -317,7 +324,7 @@ class RedisCache:
         marker = f"applied:{event_id}" if event_id else ""
         try:
             applied = self.call("invalidate", lambda: self._bump(
-                keys=versions, args=[_token(), VERSION_TTL, marker]))
+                keys=versions, args=[_token(), VERSION_TTL, marker, EVENT_MARKER_TTL]))
         except Unavailable:
             with self._owed_lock:
                 self._owed_purges.update(org_ids)
