@@ -35,6 +35,7 @@ SMALL = 10  # a count this small (clients, backlog) is flat while it stays withi
 # Large enough that the soak measures what the cache holds, not what LRU lets it keep; evictions
 # are reported beside it.
 SOAK_MAXMEMORY = "1gb"
+LONGEST_TTL = 600.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -154,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     seconds = args.minutes * 60
     interval = args.interval or (30.0 if args.minutes >= 10 else max(5.0, seconds / 20))
-    warmup = min(300.0, seconds * 0.25)
+    # The longest TTL a cached key (organization, config values, event markers) holds in steady
+    # state: before it has turned over once, the cache's key count can only grow.
+    warmup = min(LONGEST_TTL, seconds * 0.5)
     try:
         load = Load(ensure_wrk(), threads=1, connections=args.connections, seconds=seconds)
     except ToolMissing as exc:
