@@ -11,7 +11,7 @@ BENCH_ARGS ?=
 PYTEST_ARGS ?=
 QUICK ?=
 
-.PHONY: install up up-cluster test test-cluster bench ops-check lock clean
+.PHONY: install up up-cluster test test-cluster bench ops-check faults soak lock clean
 
 install: $(UV)
 	@$(UV) sync --frozen --quiet
@@ -45,6 +45,18 @@ bench: install
 # stack on private servers: every panel's expression returns data, every rule evaluates.
 ops-check: install
 	$(VENV_PYTHON) -m ops.check $(ARGS)
+
+# Each fault on a fresh `make up` stack under load (its own MariaDB database and redis-servers);
+# ONLY=cache-restart,beat-kill runs some. Not part of `make test`. RELIABILITY.md.
+ONLY ?=
+faults: install
+	$(VENV_PYTHON) -m faults $(if $(ONLY),--only $(ONLY),)
+
+# The benchmark's mixed load for MINUTES (default 30), sampling memory, keys, connections and the
+# outbox backlog. RELIABILITY.md.
+MINUTES ?= 30
+soak: install
+	$(VENV_PYTHON) -m faults.soak --minutes $(MINUTES)
 
 lock: $(UV)
 	$(UV) lock

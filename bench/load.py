@@ -45,25 +45,36 @@ class LoadFailed(RuntimeError):
     pass
 
 
-def wrk(load: Load, url: str, script: str, *args: str, seconds: float | None = None,
-        connections: int | None = None, threads: int | None = None) -> Result:
+def wrk_command(load: Load, url: str, script: str, *args: str, seconds: float | None = None,
+                connections: int | None = None, threads: int | None = None) -> list[str]:
     duration = seconds or load.seconds
     conns = connections or load.connections
     thr = min(threads or load.threads, conns)
-    command = [load.wrk, "-t", str(thr), "-c", str(conns), "-d", f"{duration:g}s",
-               "--timeout", "30s", "-s", str(LUA_DIR / script), url, "--", *args]
-    proc = subprocess.run(command, capture_output=True, text=True,
-                          timeout=duration + 120, stdin=subprocess.DEVNULL)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER)), None)
-    if proc.returncode != 0 or line is None:
-        raise LoadFailed(f"wrk failed ({proc.returncode}): {proc.stderr[-1500:]}"
-                         f"{proc.stdout[-1500:]}")
+    return [load.wrk, "-t", str(thr), "-c", str(conns), "-d", f"{duration:g}s",
+            "--timeout", "30s", "-s", str(LUA_DIR / script), url, "--", *args]
+
+
+def parse_wrk(returncode: int, stdout: str, stderr: str) -> Result:
+    """wrk's summary line (the Lua `done()`), also printed when wrk is stopped with SIGINT."""
+    line = next((ln for ln in stdout.splitlines() if ln.startswith(MARKER)), None)
+    if returncode != 0 or line is None:
+        raise LoadFailed(f"wrk failed ({returncode}): {stderr[-1500:]}{stdout[-1500:]}")
     data = json.loads(line[len(MARKER):])
     seconds_run = data["duration_us"] / 1e6
     lat = data["latency_us"]
     errors = sum(data["errors"].values())
-    if proc.stderr.strip():
-        print(proc.stderr.strip()[-600:], flush=True)
+    if stderr.strip():
+        print(stderr.strip()[-600:], flush=True)
     return Result(data["requests"], seconds_run, data["requests"] / seconds_run,
                   lat["p50"] / 1e3, lat["p90"] / 1e3, lat["p99"] / 1e3, lat["max"] / 1e3,
                   errors, data.get("counters") or {})
+
+
+def wrk(load: Load, url: str, script: str, *args: str, seconds: float | None = None,
+        connections: int | None = None, threads: int | None = None) -> Result:
+    duration = seconds or load.seconds
+    command = wrk_command(load, url, script, *args, seconds=duration, connections=connections,
+                          threads=threads)
+    proc = subprocess.run(command, capture_output=True, text=True,
+                          timeout=duration + 120, stdin=subprocess.DEVNULL)
+    return parse_wrk(proc.returncode, proc.stdout, proc.stderr)

@@ -35,6 +35,13 @@ MISSING: Any = object()
 HIT_L1, HIT_L2, MISS, STALE, BYPASS = "HIT-L1", "HIT-L2", "MISS", "STALE", "BYPASS"
 
 VERSION_TTL = 86_400
+# How long "event applied" markers stop a second application of the same event's bumps. The
+# second one normally comes within seconds (the web applies after commit, the worker from the
+# outbox); one arriving later (a redelivery after the 300 s visibility timeout, a sweep re-send
+# after a long broker outage) only bumps again: its values are retired once more (a miss each),
+# never served stale. One marker per write event: kept for a day (VERSION_TTL) they were the
+# cache's key count growing for a day under steady writes (the soak in RELIABILITY.md).
+EVENT_MARKER_TTL = 600
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 # KEYS: the version keys, then the value. ARGV: token seed, version TTL, sliding TTL (0: none).
@@ -94,11 +101,12 @@ return 0
 # Bump version keys unless this event was applied already (the web process applies it after
 # commit, the worker again from the outbox: whichever comes second changes nothing).
 # KEYS: the version keys of one hash slot, then that slot's marker of the event (or none).
+# ARGV: token seed, version TTL, '1' when a marker is given, the marker's TTL.
 _BUMP = """
 local n = #KEYS
 if ARGV[3] == '1' then
   n = n - 1
-  if redis.call('SET', KEYS[#KEYS], '1', 'NX', 'EX', ARGV[2]) == false then return 0 end
+  if redis.call('SET', KEYS[#KEYS], '1', 'NX', 'EX', ARGV[4]) == false then return 0 end
 end
 for i = 1, n do redis.call('SET', KEYS[i], ARGV[1] .. i, 'EX', ARGV[2]) end
 return 1
@@ -474,7 +482,7 @@ class RedisCache:
             for tag, names in by_slot.items():
                 marked = [*names, event_marker(tag, event_id)] if event_id else names
                 queue_evalsha(pipe, self._bump.sha, marked,
-                              [token, VERSION_TTL, "1" if event_id else "0"])
+                              [token, VERSION_TTL, "1" if event_id else "0", EVENT_MARKER_TTL])
             try:
                 return any(int(applied) for applied in pipe.execute())
             except redis.exceptions.NoScriptError:

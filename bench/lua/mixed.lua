@@ -7,7 +7,7 @@
 local report = dofile(debug.getinfo(1, "S").source:match("^@(.*/)") .. "report.lua")
 
 local threads = {}
-local names = {"stats", "project", "task", "list", "flags", "patch", "comment", "non2xx"}
+local names = {"stats", "project", "task", "list", "flags", "patch", "comment", "non2xx", "s5xx"}
 
 function setup(thread)
   thread:set("id", #threads + 1)
@@ -99,6 +99,7 @@ function request()
 end
 
 function response(status, headers, body)
+  if status >= 500 then c_s5xx = c_s5xx + 1 end
   if status >= 300 then
     c_non2xx = c_non2xx + 1
     if c_non2xx <= 3 then io.stderr:write("non-2xx " .. status .. ": " .. body .. "\n") end
