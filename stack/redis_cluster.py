@@ -105,6 +105,8 @@ def _start_node(node_timeout_ms: int, extra_args: Iterable[str]) -> ClusterNode:
                 "--cluster-require-full-coverage", "no",
                 # A replica's first sync streams at once instead of waiting 5 s for company.
                 "--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0",
+                # A cache evicts when full (allkeys-lru is RedisServer's default policy).
+                "--maxmemory", "256mb",
                 *extra_args,
             ]), bus_port)
         except RedisServerFailed:

@@ -119,10 +119,17 @@ def eviction_problems(info: dict, settings) -> list[str]:
                         "it refuses writes; use allkeys-lru")
     if not int(info.get("maxmemory", 0)):
         problems.append("the cache Redis has no maxmemory: it grows until the machine runs out")
-    if server_address(settings.redis_url) == server_address(settings.celery_broker_url):
+    if server_address(settings.celery_broker_url) in cache_addresses(settings):
         problems.append("the cache Redis is also the Celery broker's server: it cannot evict "
                         "without losing queued tasks; give the broker a Redis of its own")
     return problems
+
+
+def cache_addresses(settings) -> set[tuple[str, int | str]]:
+    """The cache's servers: the cluster's seed nodes when there is one, else REDIS_URL's."""
+    if settings.redis_cluster_url:
+        return {server_address(url) for url in settings.redis_cluster_url.split(",")}
+    return {server_address(settings.redis_url)}
 
 
 def server_address(url: str) -> tuple[str, int | str]:
