@@ -19,6 +19,7 @@ import pwd
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -274,16 +275,24 @@ def unprivileged_user(settings: Settings) -> str | None:
 
 def hand_files_to(user: str, settings: Settings) -> None:
     """What the children write becomes the user's: var/ (metric files, beat schedule, the
-    development secret key and SQLite file) and the directory of an SQLite file elsewhere (SQLite
-    creates its journal beside the file)."""
+    development secret key and SQLite file), and an SQLite file elsewhere with its journals and,
+    unless anyone may already create files there (/tmp), its directory, where SQLite creates them.
+    Never anything else: nothing is changed recursively outside var/."""
     entry = pwd.getpwnam(user)
-    tops = [VAR_DIR]
+
+    def give(path: str) -> None:
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+
+    for root, dirs, files in os.walk(VAR_DIR):
+        for name in [root, *(os.path.join(root, f) for f in dirs + files)]:
+            give(name)
     if settings.database_url.startswith("sqlite:///"):
-        tops.append(Path(settings.database_url.removeprefix("sqlite:///")).parent)
-    for top in tops:
-        for root, dirs, files in os.walk(top):
-            for name in [root, *(os.path.join(root, f) for f in dirs + files)]:
-                os.chown(name, entry.pw_uid, entry.pw_gid)
+        database = Path(settings.database_url.removeprefix("sqlite:///")).resolve()
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            if Path(f"{database}{suffix}").exists():
+                give(f"{database}{suffix}")
+        if not database.parent.stat().st_mode & stat.S_IWOTH:
+            give(str(database.parent))
 
 
 # --- supervision --------------------------------------------------------------------------------
