@@ -12,7 +12,6 @@ children run as STACK_USER (nobody) when that user can.
 from __future__ import annotations
 
 import argparse
-import atexit
 import dataclasses
 import os
 import pwd
@@ -22,7 +21,6 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -124,8 +122,8 @@ def private_redis(supervisor: Supervisor, name: str, policy: str, *extra_args: s
     """A redis-server of this run, supervised like every other child (restarted on the same
     port, empty, if it dies); returns its URL once it answers."""
     port = free_port()
-    directory = Path(tempfile.mkdtemp(prefix=f"taskcache-{name}-"))
-    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    directory = VAR_DIR / name  # its log; nothing else (no persistence)
+    directory.mkdir(parents=True, exist_ok=True)
     command = redis_server_command(redis_executable(), port, directory, policy,
                                    [*extra_args, "--logfile", str(directory / "redis.log")])
     supervisor.add(name, command, cwd=directory)
