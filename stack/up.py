@@ -12,16 +12,15 @@ children run as STACK_USER (nobody) when that user can.
 from __future__ import annotations
 
 import argparse
-import atexit
 import dataclasses
 import os
 import pwd
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -123,8 +122,8 @@ def private_redis(supervisor: Supervisor, name: str, policy: str, *extra_args: s
     """A redis-server of this run, supervised like every other child (restarted on the same
     port, empty, if it dies); returns its URL once it answers."""
     port = free_port()
-    directory = Path(tempfile.mkdtemp(prefix=f"taskcache-{name}-"))
-    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    directory = VAR_DIR / name  # its log; nothing else (no persistence)
+    directory.mkdir(parents=True, exist_ok=True)
     command = redis_server_command(redis_executable(), port, directory, policy,
                                    [*extra_args, "--logfile", str(directory / "redis.log")])
     supervisor.add(name, command, cwd=directory)
@@ -274,16 +273,24 @@ def unprivileged_user(settings: Settings) -> str | None:
 
 def hand_files_to(user: str, settings: Settings) -> None:
     """What the children write becomes the user's: var/ (metric files, beat schedule, the
-    development secret key and SQLite file) and the directory of an SQLite file elsewhere (SQLite
-    creates its journal beside the file)."""
+    development secret key and SQLite file), and an SQLite file elsewhere with its journals and,
+    unless anyone may already create files there (/tmp), its directory, where SQLite creates them.
+    Never anything else: nothing is changed recursively outside var/."""
     entry = pwd.getpwnam(user)
-    tops = [VAR_DIR]
+
+    def give(path: str) -> None:
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+
+    for root, dirs, files in os.walk(VAR_DIR):
+        for name in [root, *(os.path.join(root, f) for f in dirs + files)]:
+            give(name)
     if settings.database_url.startswith("sqlite:///"):
-        tops.append(Path(settings.database_url.removeprefix("sqlite:///")).parent)
-    for top in tops:
-        for root, dirs, files in os.walk(top):
-            for name in [root, *(os.path.join(root, f) for f in dirs + files)]:
-                os.chown(name, entry.pw_uid, entry.pw_gid)
+        database = Path(settings.database_url.removeprefix("sqlite:///")).resolve()
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            if Path(f"{database}{suffix}").exists():
+                give(f"{database}{suffix}")
+        if not database.parent.stat().st_mode & stat.S_IWOTH:
+            give(str(database.parent))
 
 
 # --- supervision --------------------------------------------------------------------------------

@@ -320,3 +320,31 @@ def test_the_default_make_up_survives_three_restarts_of_its_redis_during_writes(
                 and stats["completed_tasks"] == completed)
     # The outbox sweep (every 5 s, events older than 10 s) redelivers what the restarts dropped.
     wait_until(stats_exact, 180, 0.5, "the stats to match the database")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root hands files to another user")
+def test_the_files_the_children_write_are_handed_to_their_user_and_nothing_else(tmp_path,
+                                                                               monkeypatch):
+    import pwd
+
+    from config import Settings
+    from stack import up
+
+    nobody = pwd.getpwnam("nobody").pw_uid
+    var = tmp_path / "var"
+    (var / "prometheus-multiproc").mkdir(parents=True)
+    (var / "secret_key").write_text("k")
+    private, shared = tmp_path / "private", tmp_path / "shared"
+    for folder, mode in ((private, 0o755), (shared, 0o1777)):
+        folder.mkdir()
+        folder.chmod(mode)
+        (folder / "app.db").write_text("")
+        (folder / "unrelated").write_text("")
+    monkeypatch.setattr(up, "VAR_DIR", var)
+    for folder in (private, shared):
+        up.hand_files_to("nobody", Settings(database_url=f"sqlite:///{folder / 'app.db'}"))
+        assert (folder / "app.db").stat().st_uid == nobody
+        assert (folder / "unrelated").stat().st_uid == 0
+    assert private.stat().st_uid == nobody  # SQLite creates its journal there
+    assert shared.stat().st_uid == 0  # anyone may create files in it already
+    assert {p.stat().st_uid for p in [var, *var.rglob("*")]} == {nobody}
