@@ -9,8 +9,8 @@ private redis-server, and for each:
   projects, every project's stats), then reads every sampled task, each project's first task page
   and each user's stats through the API, and counts the keys each master holds (the spread);
 - times warm reads through the API (Flask test client, in-process: the app and its Redis round
-  trips, no HTTP server), alternating single and cluster round by round so that load from other
-  processes on the machine falls on both alike; reports medians and the cluster/single ratio.
+  trips, no HTTP server), single and cluster in turn, the order swapped every round, so that load
+  from other processes on the machine falls on both alike; reports medians and the ratio.
 Drops the database and stops the servers at the end. Prints JSON.
 """
 
@@ -98,8 +98,8 @@ def time_reads(client, urls: list[tuple[str, dict]], n: int) -> float:
             started = time.perf_counter()
             answer = client.get(url, headers=headers)
             samples.append(time.perf_counter() - started)
-            assert answer.status_code == 200 and answer.headers["X-Cache"] in (
-                "HIT-L2", "HIT-L1"), (url, answer.headers.get("X-Cache"))
+            assert answer.status_code == 200 and answer.headers.get("X-Cache", "HIT-L2") in (
+                "HIT-L2", "HIT-L1"), (url, answer.headers.get("X-Cache"))  # /health: none
     return statistics.median(samples)
 
 
@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", help="the full dataset (slow to seed)")
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--timings-only", action="store_true",
+                        help="skip the fill and the spread; time warm reads only")
     args = parser.parse_args(argv)
     from db.migrations import upgrade
     from services.auth import hash_password
@@ -134,13 +136,13 @@ def main(argv: list[str] | None = None) -> None:
         built = [on_cluster[0], on_single[0]]
         result = {"dataset": {"orgs": len(data.orgs), "projects": len(data.projects) + 1,
                               "rows": data.rows}}
-        started = time.perf_counter()
-        result["requests_to_fill"] = fill(*on_cluster, data, tokens)
-        result["fill_seconds_cluster"] = round(time.perf_counter() - started, 1)
-        fill(*on_single, data, tokens)
-        result["single_keys"] = redis_client_keys(single)
-        result["spread"] = spread(cluster)
-        result["families_per_master"] = families(cluster)
+        if not args.timings_only:
+            result["requests_to_fill"] = fill(*on_cluster, data, tokens)
+            fill(*on_single, data, tokens)
+            result["single_keys"] = redis_client_keys(single)
+            result["spread"] = spread(cluster)
+            result["families_per_master"] = families(cluster)
+            print(json.dumps(result, indent=2), flush=True)  # the spread, before the timings
 
         project, org = data.small, data.org(data.small.org_id)
         headers = {"Authorization": f"Bearer {tokens[org.id]}"}
@@ -152,9 +154,10 @@ def main(argv: list[str] | None = None) -> None:
         }
         timings: dict[str, dict[str, list[float]]] = {k: {"single": [], "cluster": []}
                                                      for k in cases}
-        for _ in range(args.rounds):
+        order = [("single", on_single), ("cluster", on_cluster)]
+        for n in range(args.rounds):
             for case, urls in cases.items():
-                for label, (_, client) in (("single", on_single), ("cluster", on_cluster)):
+                for label, (_, client) in (order if n % 2 == 0 else order[::-1]):
                     timings[case][label].append(time_reads(client, urls, 50))
         result["warm_read_median_ms"] = {
             case: {"single": round(statistics.median(t["single"]) * 1000, 3),
