@@ -199,11 +199,15 @@ class RedisCluster:
                 return False
         return True
 
+    def current_masters(self) -> list[ClusterNode]:
+        """The running nodes that are masters now (a failover swaps a master and its replica)."""
+        return [node for node in self.running_nodes()
+                if node.client().info("replication").get("role") == "master"]
+
     def flushall(self) -> None:
         """Empty every running master (their replicas follow)."""
-        for node in self.running_nodes():
-            if node.client().info("replication").get("role") == "master":
-                node.ask("FLUSHALL")
+        for node in self.current_masters():
+            node.ask("FLUSHALL")
 
     # -- health and failover -----------------------------------------------------------------
     def running_nodes(self) -> list[ClusterNode]:
