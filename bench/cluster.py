@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         lookup_keys = [keys.session(org.id, org.admin_id, org.session_id),
                        keys.project(org.id, project.id)]
         for services, client in (on_single, on_cluster):
-            client.get("/api/me", headers=headers)  # caches the session
+            client.get(f"/api/projects/{project.id}", headers=headers)  # session and project
             assert all(lk.hit for lk in services.cache.lookup_many(lookup_keys))
         timings["lookup_session_and_project"] = {"single": [], "cluster": []}
         order = [("single", on_single), ("cluster", on_cluster)]
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
                                                 / statistics.median(t["single"]), 3)}
             for case, t in timings.items()}
         result["note"] = ("in-process Flask test client, 2-core machine shared with other "
-                          "sessions; single and cluster alternate round by round")
+                          "sessions; single and cluster in turn, the order swapped every round")
         print(json.dumps(result, indent=2))
     finally:
         for services in built:
