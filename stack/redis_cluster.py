@@ -123,7 +123,8 @@ class RedisCluster:
 
     @classmethod
     def start(cls, masters: int = 3, replicas: int = 1, *,
-              node_timeout_ms: int = NODE_TIMEOUT_MS, extra_args: Iterable[str] = ()) -> "RedisCluster":
+              node_timeout_ms: int = NODE_TIMEOUT_MS,
+              extra_args: Iterable[str] = ()) -> "RedisCluster":
         if masters < 1 or replicas < 0:
             raise ValueError("a cluster needs at least one master and no negative replicas")
         extra = tuple(extra_args)
@@ -161,7 +162,8 @@ class RedisCluster:
         self.stop()
 
     def __repr__(self) -> str:
-        return f"<RedisCluster {len(self.masters)} masters {len(self.replicas)} replicas {self.url}>"
+        return (f"<RedisCluster {len(self.masters)} masters {len(self.replicas)} replicas "
+                f"{self.url}>")
 
     def _form(self, replicas: int) -> None:
         for node in self.nodes:
@@ -259,7 +261,8 @@ class RedisCluster:
         master.server.kill()
         return master
 
-    def wait_for_failover(self, key: str, dead: ClusterNode, timeout: float = READY_TIMEOUT) -> ClusterNode:
+    def wait_for_failover(self, key: str, dead: ClusterNode,
+                          timeout: float = READY_TIMEOUT) -> ClusterNode:
         """Wait until a replica has taken over `dead`'s slots and every running node sees
         `cluster_state:ok` again; returns the new master of `key`."""
         def promoted() -> bool:

@@ -63,7 +63,7 @@ def sign_up(client) -> Account:
     return Account(body["access_token"], body["user"], body["organization"], email)
 
 
-# -- where the keys are -------------------------------------------------------------------------------
+# -- where the keys are ----------------------------------------------------------------------------
 def test_each_value_shares_a_slot_with_its_versions_and_organizations_spread(instances,
                                                                            redis_cluster):
     (a, services), _ = instances
@@ -99,7 +99,7 @@ def test_each_value_shares_a_slot_with_its_versions_and_organizations_spread(ins
     assert len(per_master) == len(masters) == 3, per_master  # every master holds keys
 
 
-# -- consistency across instances ----------------------------------------------------------------------
+# -- consistency across instances ------------------------------------------------------------------
 def test_read_your_writes_and_purge_across_instances(instances):
     (a, _), (b, _) = instances
     admin = sign_up(a)
@@ -225,7 +225,7 @@ def reapply_unprocessed_events(services) -> None:
                    "the event to apply on the promoted replica")
 
 
-# -- a master dies --------------------------------------------------------------------------------------
+# -- a master dies ---------------------------------------------------------------------------------
 def test_killing_a_master_degrades_to_misses_then_its_replica_serves_with_no_stale_read(
         instances, redis_cluster):
     (a, sa), (b, sb) = instances

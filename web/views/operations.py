@@ -106,7 +106,8 @@ def cache_report(ctx) -> dict:
 
 
 def server_info(client) -> dict:
-    """INFO of a single Redis; of a cluster, summed over its masters (memory, clients, evictions)."""
+    """INFO of a single Redis; of a cluster, summed over its masters (memory, clients,
+    evictions)."""
     from redis.cluster import RedisCluster
 
     if not isinstance(client, RedisCluster):
