@@ -34,8 +34,9 @@ MAX_BUFFERED = 10_000
 RESERVE_MS = 30_000  # how long a recount may take before its reservation lapses
 
 # KEYS[1]: the organization's generation, KEYS[2]: the hash (both in the owner's slice of the
-# organization). The hash records the generation it was built in (field `gen`); one of an older generation
-# (the organization was purged) counts as missing. ARGV: token, version TTL, then per command.
+# organization). The hash records the generation it was built in (field `gen`); one of an older
+# generation (the organization was purged) counts as missing. ARGV: token, version TTL, then per
+# command.
 _RESOLVE = """
 local gen = redis.call('GET', KEYS[1])
 if not gen then

@@ -186,7 +186,8 @@ def project_tasks(org_id: str, project_id: str, *, status: str | None, assignee_
                   limit: int, cursor: str | None) -> Key:
     ident = f"{project_id}:" + _query(status=status, assignee=assignee_id, limit=limit,
                                       cursor=cursor)
-    return _tenant(org_id, project_id, "task_list", ident, (project_tasks_version(org_id, project_id),),
+    return _tenant(org_id, project_id, "task_list", ident,
+                   (project_tasks_version(org_id, project_id),),
                    TASK_LIST_TTL)
 
 
@@ -199,19 +200,22 @@ def user_tasks(org_id: str, user_id: str, *, status: str | None, limit: int,
 
 def task_comments(org_id: str, task_id: str, *, limit: int, cursor: str | None) -> Key:
     ident = f"{task_id}:" + _query(limit=limit, cursor=cursor)
-    return _tenant(org_id, task_id, "comment_list", ident, (task_comments_version(org_id, task_id),),
+    return _tenant(org_id, task_id, "comment_list", ident,
+                   (task_comments_version(org_id, task_id),),
                    TASK_LIST_TTL)
 
 
 def notifications(org_id: str, user_id: str, *, unread: bool, limit: int,
                   cursor: str | None) -> Key:
     ident = f"{user_id}:" + _query(unread=unread, limit=limit, cursor=cursor)
-    return _tenant(org_id, user_id, "notification_list", ident, (user_notifications_version(org_id, user_id),),
+    return _tenant(org_id, user_id, "notification_list", ident,
+                   (user_notifications_version(org_id, user_id),),
                    NOTIFICATION_TTL)
 
 
 def unread_count(org_id: str, user_id: str) -> Key:
-    return _tenant(org_id, user_id, "unread_count", user_id, (user_notifications_version(org_id, user_id),),
+    return _tenant(org_id, user_id, "unread_count", user_id,
+                   (user_notifications_version(org_id, user_id),),
                    NOTIFICATION_TTL)
 
 

@@ -186,7 +186,7 @@ class BatchedCounters:
         self._hashes: dict[tuple[str, str], int] = {}
         self._zsets: dict[tuple[str, str], float] = {}
         self._ttl: dict[str, int] = {}
-        self._last = 0.0
+        self._last = time.monotonic()
 
     def hincr(self, key: str, field: str, ttl: int, by: int = 1) -> None:
         with self._lock:

@@ -56,6 +56,8 @@ def versions_for(kind: str, org_id: str, p: dict) -> list[str]:
     if kind in (NOTIFICATION_CREATED, NOTIFICATION_READ):
         return [keys.user_notifications_version(org_id, u) for u in p["user_ids"]]
     if kind == SESSION_ENDED:
+        if "user_id" not in p:  # an event written before sessions lived in their user's slice
+            return keys.org_generations(org_id)
         return [keys.session_version(org_id, p["user_id"], p["session_id"])]
     if kind == CONFIG_CHANGED:
         return [keys.config_version(p["name"])]

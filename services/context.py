@@ -56,7 +56,8 @@ def redis_client(settings: Settings, **overrides) -> redis.Redis | RedisCluster:
     if settings.redis_cluster_url:
         from stack.redis_cluster import parse_cluster_url
 
-        seeds = [ClusterNode(host, port) for host, port in parse_cluster_url(settings.redis_cluster_url)]
+        seeds = [ClusterNode(host, port)
+                 for host, port in parse_cluster_url(settings.redis_cluster_url)]
         options.pop("retry_on_timeout", None)  # deprecated on a cluster: timeouts are retried
         # One retry: enough to follow a failover's new slot map, short enough for the breaker
         # to see a dead shard instead of a request waiting through the cluster's own backoff.

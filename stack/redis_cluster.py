@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from typing import Iterable
@@ -124,7 +125,8 @@ class RedisCluster:
 
     @classmethod
     def start(cls, masters: int = 3, replicas: int = 1, *,
-              node_timeout_ms: int = NODE_TIMEOUT_MS, extra_args: Iterable[str] = ()) -> "RedisCluster":
+              node_timeout_ms: int = NODE_TIMEOUT_MS,
+              extra_args: Iterable[str] = ()) -> "RedisCluster":
         if masters < 1 or replicas < 0:
             raise ValueError("a cluster needs at least one master and no negative replicas")
         extra = tuple(extra_args)
@@ -162,7 +164,8 @@ class RedisCluster:
         self.stop()
 
     def __repr__(self) -> str:
-        return f"<RedisCluster {len(self.masters)} masters {len(self.replicas)} replicas {self.url}>"
+        return (f"<RedisCluster {len(self.masters)} masters {len(self.replicas)} replicas "
+                f"{self.url}>")
 
     def _form(self, replicas: int) -> None:
         for node in self.nodes:
@@ -200,11 +203,15 @@ class RedisCluster:
                 return False
         return True
 
+    def current_masters(self) -> list[ClusterNode]:
+        """The running nodes that are masters now (a failover swaps a master and its replica)."""
+        return [node for node in self.running_nodes()
+                if node.client().info("replication").get("role") == "master"]
+
     def flushall(self) -> None:
         """Empty every running master (their replicas follow)."""
-        for node in self.running_nodes():
-            if node.client().info("replication").get("role") == "master":
-                node.ask("FLUSHALL")
+        for node in self.current_masters():
+            node.ask("FLUSHALL")
 
     # -- health and failover -----------------------------------------------------------------
     def running_nodes(self) -> list[ClusterNode]:
@@ -256,7 +263,8 @@ class RedisCluster:
         master.server.kill()
         return master
 
-    def wait_for_failover(self, key: str, dead: ClusterNode, timeout: float = READY_TIMEOUT) -> ClusterNode:
+    def wait_for_failover(self, key: str, dead: ClusterNode,
+                          timeout: float = READY_TIMEOUT) -> ClusterNode:
         """Wait until a replica has taken over `dead`'s slots and every running node sees
         `cluster_state:ok` again; returns the new master of `key`."""
         def promoted() -> bool:
@@ -279,9 +287,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--masters", type=int, default=3)
     parser.add_argument("--replicas", type=int, default=1)
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C: the context manager stops every node.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with RedisCluster.start(args.masters, args.replicas) as cluster:
         print(f"REDIS_CLUSTER_URL={cluster.url}", flush=True)
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         try:
             signal.pause()
         except KeyboardInterrupt:

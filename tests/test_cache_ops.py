@@ -41,7 +41,9 @@ def test_a_warm_hot_request_never_touches_the_database(client, admin, project, s
     print(f"\n{path}: {trips} Redis round trips, {sql} SQL statements ({source})")
     assert source == "HIT-L2"
     assert sql == 0
-    assert trips <= max_trips
+    # On a cluster a request's keys sit in its session's and its entity's slices: one
+    # pipeline writes to each master concerned, then reads each (the waits overlap).
+    assert trips <= max_trips * (3 if redis_mode() == "cluster" else 1)
 
 
 def test_a_flag_read_from_l1_costs_no_round_trip(client, services):

@@ -142,7 +142,8 @@ def server_address(url: str) -> tuple[str, int | str]:
     host = (parts.hostname or "127.0.0.1").lower()
     return ("127.0.0.1" if host == "localhost" else host, parts.port or 6379)
 def server_info(client) -> dict:
-    """INFO of a single Redis; of a cluster, summed over its masters (memory, clients, evictions)."""
+    """INFO of a single Redis; of a cluster, summed over its masters (memory, clients,
+    evictions)."""
     from redis.cluster import RedisCluster
 
     if not isinstance(client, RedisCluster):
