@@ -7,7 +7,7 @@ import time
 import jwt
 import pytest
 
-from api_support import PASSWORD, add_member, assert_problem, bearer, new_email, random_id
+from api_support import PASSWORD, add_member, assert_problem, bearer, count, new_email, random_id
 
 UUID_RE = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 TS_RE = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$"
@@ -148,16 +148,48 @@ def app_without_redis(settings):
     built.close()
 
 
-def test_login_rate_limiter_allows_attempts_when_redis_is_down(app_without_redis, admin):
+def test_login_rate_limiter_counts_in_the_database_when_redis_is_down(app_without_redis, admin,
+                                                                     services):
+    from models import LoginThrottle
+
     client = app_without_redis.test_client()
-    for _ in range(12):
+    ok = client.post("/api/auth/login", json={"email": admin.email, "password": PASSWORD})
+    assert ok.status_code == 200  # a success gives its slot back: it is not a failure
+    for _ in range(10):
         assert_problem(client.post("/api/auth/login", json={"email": admin.email,
                                                             "password": "wrong-pass"}), 401)
-    ok = client.post("/api/auth/login", json={"email": admin.email, "password": PASSWORD})
-    assert ok.status_code == 200
+    blocked = client.post("/api/auth/login", json={"email": admin.email, "password": PASSWORD})
+    assert_problem(blocked, 429)
+    assert 1 <= int(blocked.headers["Retry-After"]) <= 60
+    assert count(services, LoginThrottle) >= 1
     # and the API keeps answering from the database
     me = client.get("/api/me", headers=bearer(ok.json["access_token"]))
     assert me.status_code == 200 and me.headers["X-Cache"] == "BYPASS"
+
+
+def test_a_successful_login_does_not_use_up_the_limit(client, admin):
+    for _ in range(12):
+        assert client.post("/api/auth/login", json={"email": admin.email,
+                                                    "password": PASSWORD}).status_code == 200
+    for _ in range(9):
+        client.post("/api/auth/login", json={"email": admin.email, "password": "wrong-pass"})
+    assert client.post("/api/auth/login", json={"email": admin.email,
+                                                "password": PASSWORD}).status_code == 200
+
+
+def test_failures_over_many_emails_from_one_address_are_limited(client, settings):
+    limit = settings.login_failures_per_address
+    spray = {"REMOTE_ADDR": "203.0.113.7"}
+    answers = [client.post("/api/auth/login", environ_base=spray,
+                           json={"email": new_email(), "password": "wrong-pass"}).status_code
+               for _ in range(limit + 5)]
+    assert answers == [401] * limit + [429] * 5
+    blocked = client.post("/api/auth/login", environ_base=spray,
+                          json={"email": new_email(), "password": "wrong-pass"})
+    assert "client address" in assert_problem(blocked, 429)["detail"]
+    other = client.post("/api/auth/login", environ_base={"REMOTE_ADDR": "203.0.113.8"},
+                        json={"email": new_email(), "password": "wrong-pass"})
+    assert other.status_code == 401
 
 
 # -- /api/me ------------------------------------------------------------------------------------
