@@ -11,7 +11,7 @@ BENCH_ARGS ?=
 PYTEST_ARGS ?=
 QUICK ?=
 
-.PHONY: install up test bench lock clean
+.PHONY: install up test bench fuzz lock clean
 
 install: $(UV)
 	@$(UV) sync --frozen --quiet
@@ -31,6 +31,14 @@ test: install
 # Installs wrk (Debian's package) itself when missing; its own database and redis-server. BENCHMARKS.md.
 bench: install
 	$(VENV_PYTHON) -m bench $(if $(QUICK),--quick,) $(BENCH_ARGS)
+
+# The long hostile-client run (RELIABILITY.md, Fuzzing): schemathesis over /openapi.json, every phase
+# (stateful included), authenticated; and 200 oversized bodies per client on keep-alive connections.
+FUZZ_EXAMPLES ?= 100
+fuzz: install
+	SCHEMATHESIS_MAX_EXAMPLES=$(FUZZ_EXAMPLES) SCHEMATHESIS_STATEFUL_EXAMPLES=$(FUZZ_EXAMPLES) \
+	OVERSIZE_TRIES=200 $(VENV_PYTHON) -m pytest -s -q tests/test_api_schemathesis.py \
+	tests/test_server_edges.py $(PYTEST_ARGS)
 
 lock: $(UV)
 	$(UV) lock
