@@ -71,7 +71,7 @@ class Slot:
 
 
 def _key(kind: str, value: str) -> str:
-    return f"{kind}:" + hashlib.sha256(value.encode()).hexdigest()[:32]
+    return f"ratelimit:login:{kind}:" + hashlib.sha256(value.encode()).hexdigest()[:32]
 
 
 def _limits(services: Services, email: str, address: str | None) -> list[tuple[str, str, int]]:
