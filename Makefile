@@ -11,7 +11,7 @@ BENCH_ARGS ?=
 PYTEST_ARGS ?=
 QUICK ?=
 
-.PHONY: install up up-cluster test test-cluster bench ops-check faults soak lock clean
+.PHONY: install up up-cluster test test-cluster bench ops-check faults soak fuzz lock clean
 
 install: $(UV)
 	@$(UV) sync --frozen --quiet
@@ -57,6 +57,14 @@ faults: install
 MINUTES ?= 30
 soak: install
 	$(VENV_PYTHON) -m faults.soak --minutes $(MINUTES)
+
+# The long hostile-client run (RELIABILITY.md, Fuzzing): schemathesis over /openapi.json, every phase
+# (stateful included), authenticated; and 200 oversized bodies per client on keep-alive connections.
+FUZZ_EXAMPLES ?= 100
+fuzz: install
+	SCHEMATHESIS_MAX_EXAMPLES=$(FUZZ_EXAMPLES) SCHEMATHESIS_STATEFUL_EXAMPLES=$(FUZZ_EXAMPLES) \
+	OVERSIZE_TRIES=200 $(VENV_PYTHON) -m pytest -s -q tests/test_api_schemathesis.py \
+	tests/test_server_edges.py $(PYTEST_ARGS)
 
 lock: $(UV)
 	$(UV) lock

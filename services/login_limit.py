@@ -74,7 +74,7 @@ def _key(kind: str, value: str) -> str:
     # One hash tag for every login counter: an attempt counts under its email's and its
     # address's counters in one script, which a Redis Cluster allows only within one slot.
     # Logins are rare next to reads, so that slot is never a hot one.
-    return f"{{login}}:{kind}:" + hashlib.sha256(value.encode()).hexdigest()[:32]
+    return f"ratelimit:{{login}}:{kind}:" + hashlib.sha256(value.encode()).hexdigest()[:32]
 
 
 def _limits(services: Services, email: str, address: str | None) -> list[tuple[str, str, int]]:

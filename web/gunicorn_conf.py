@@ -32,6 +32,13 @@ errorlog = "-"
 control_socket_disable = True
 
 
+def on_starting(server):
+    """Gunicorn's own error answers in problem+json, and no Server header (web/gunicorn_edges)."""
+    from web import gunicorn_edges
+
+    gunicorn_edges.install()
+
+
 def child_exit(server, worker):
     """A dead worker's live gauges must leave /metrics (prometheus_client multiprocess mode)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
