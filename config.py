@@ -83,6 +83,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         instance_name=env.get("INSTANCE_NAME") or _default_instance_name(env),
         bind_address=env.get("BIND_ADDRESS") or "127.0.0.1",
         stack_user=env.get("STACK_USER") if env.get("STACK_USER") is not None else "nobody",
+        counter_flush_interval=float(env.get("COUNTER_FLUSH_INTERVAL") or 1.0),
     )
 
 
