@@ -12,6 +12,7 @@ import time
 import uuid
 
 import pytest
+import requests
 
 from api_support import PASSWORD, bearer, new_email
 from topology_support import HttpClient, RunningTopology, log_events, wait_for
@@ -302,3 +303,15 @@ def test_a_killed_cache_master_fails_over_without_5xx_or_stale_reads(topology, e
     on_every_instance(edge, path, headers, lambda a: a.json["name"] == "After")
     wait_for(lambda: edge.get(path, headers=headers).headers["X-Cache"] == "HIT-L2", 30,
              "the promoted replica serving the shard's cache again")
+
+
+def test_flower_shows_both_workers(topology):
+    url = topology.state()["flower"] + "/api/workers?refresh=1"
+
+    def both():
+        answer = requests.get(url, auth=("test", "flower-password"), timeout=30)
+        assert answer.status_code == 200, answer.status_code
+        names = {name.split("@")[0] for name in answer.json()}
+        return {"worker1", "worker2"} <= names
+    wait_for(both, 60, "Flower to list worker1 and worker2", 1.0)
+    assert requests.get(url, timeout=30).status_code == 401  # never without its basic auth
