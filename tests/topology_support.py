@@ -63,6 +63,9 @@ class Answer:
     def get_data(self, as_text: bool = False):
         return self.raw.text if as_text else self.data
 
+    def close(self) -> None:
+        self.raw.close()
+
 
 class HttpClient:
     """client.get/post/patch/delete(path, json=, headers=) over real HTTP."""
