@@ -11,7 +11,7 @@ BENCH_ARGS ?=
 PYTEST_ARGS ?=
 QUICK ?=
 
-.PHONY: install up up-cluster test bench lock clean
+.PHONY: install up up-cluster test test-cluster bench lock clean
 
 install: $(UV)
 	@$(UV) sync --frozen --quiet
@@ -32,6 +32,10 @@ up-cluster: install
 test: install
 	@echo "TEST_DATABASES=$${TEST_DATABASES:-(unset: the tests' default)}"
 	$(VENV_PYTHON) -m pytest $(PYTEST_ARGS)
+
+# The cache, API and worker tests with the cache on a private Redis Cluster (3 masters + replicas).
+test-cluster: install
+	TEST_REDIS=cluster $(VENV_PYTHON) -m pytest tests/test_cache_*.py tests/test_api_*.py tests/test_worker_pipeline.py $(PYTEST_ARGS)
 
 # Installs wrk (Debian's package) itself when missing; its own database and redis-server. BENCHMARKS.md.
 bench: install

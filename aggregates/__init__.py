@@ -33,8 +33,8 @@ STATUSES = [s.value for s in TaskStatus]
 MAX_BUFFERED = 10_000
 RESERVE_MS = 30_000  # how long a recount may take before its reservation lapses
 
-# KEYS[1]: the organization's generation, KEYS[2]: the hash (both under the organization's hash
-# tag). The hash records the generation it was built in (field `gen`); one of an older generation
+# KEYS[1]: the organization's generation, KEYS[2]: the hash (both in the owner's slice of the
+# organization). The hash records the generation it was built in (field `gen`); one of an older generation
 # (the organization was purged) counts as missing. ARGV: token, version TTL, then per command.
 _RESOLVE = """
 local gen = redis.call('GET', KEYS[1])
@@ -170,7 +170,7 @@ class Aggregate:
     present: Callable[[str, dict[str, int]], dict]
 
     def name(self, org_id: str, owner_id: str) -> str:
-        return tenant_name(org_id, "stats", self.kind, owner_id)
+        return tenant_name(org_id, owner_id, "stats", self.kind, owner_id)
 
 
 def _count_project(session: Session, project_id: str) -> tuple[int, dict[str, int]] | None:
@@ -299,7 +299,8 @@ class AggregateStore:
         self._replace = client.register_script(_REPLACE)
 
     def _args(self, agg: Aggregate, org_id: str, owner_id: str) -> tuple[list, list]:
-        return [org_generation(org_id), agg.name(org_id, owner_id)], [_token(), VERSION_TTL]
+        return ([org_generation(org_id, owner_id), agg.name(org_id, owner_id)],
+                [_token(), VERSION_TTL])
 
     def read(self, agg: Aggregate, org_id: str, owner_id: str,
              also: Callable[[redis.client.Pipeline], None] | None = None) -> Snapshot | None:

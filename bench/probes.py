@@ -324,11 +324,11 @@ def memory_per_entry(client: redis.Redis, per_family: int = 40) -> dict:
             continue
         if not key.startswith("t:"):
             continue
-        parts = key.split(":")
-        # t:{o:<org>}:<family>:<ident>, or t:{o:<org>}:stats:<kind>:<owner>
-        family = parts[3]
+        # t:{o:<org>:<slice>}:<family>:<ident>, or t:{o:<org>:<slice>}:stats:<kind>:<owner>
+        parts = key.partition("}:")[2].split(":")
+        family = parts[0]
         if family == "stats":
-            family = f"{parts[4]}_stats"
+            family = f"{parts[1]}_stats"
         if len(samples.get(family, ())) >= per_family:
             continue
         kind = client.type(name).decode()
@@ -341,7 +341,7 @@ def memory_per_entry(client: redis.Redis, per_family: int = 40) -> dict:
         elif kind == "hash" and family == "project_stats":
             raw = {k.decode(): v for k, v in client.hgetall(name).items()}
             counts = {f: int(raw.get(f, 0)) for f in PROJECT_STATS.fields}
-            presented = PROJECT_STATS.present(parts[5], counts)
+            presented = PROJECT_STATS.present(parts[2], counts)
             json_len = len(orjson.dumps(presented))
             stored = sum(len(k) + len(v) for k, v in raw.items())
         else:

@@ -1,8 +1,8 @@
 """One small typed function per cache key family.
 
 Key names work on a single Redis and on a Redis Cluster alike: every key of an organization carries
-its hash tag `{o:<org>}` (the configuration's `{c:<name>}`), so the scripts that read versions and
-values together touch one slot.
+the hash tag of one of its slices, `{o:<org>:<slice>}` (the configuration's `{c:<name>}`), so the
+scripts that read versions and values together touch one slot, and a tenant spreads over slots.
 
 Every key names the version keys whose current tokens become part of the stored name. A write
 replaces a version token after commit, so every value stored under the old token is unreachable
@@ -14,6 +14,7 @@ organization's generation first: replacing it purges the whole organization in o
 from __future__ import annotations
 
 import hashlib
+import zlib
 from dataclasses import dataclass
 
 SESSION_TTL = 900
@@ -36,12 +37,23 @@ class Key:
     sliding: bool = False
 
 
-def org_tag(org_id: str) -> str:
-    """The hash tag of an organization: every key of a tenant lives in one Redis Cluster slot, so
-    a lookup script can read the organization's generation, the entity's version and the value
-    together, and replacing the generation purges the tenant in one step. Tenants spread over the
-    slots; one tenant never spans two."""
-    return "{o:" + org_id + "}"
+# Slices per organization: an organization's keys spread over this many hash slots (so over the
+# masters, even with few, large tenants), each slice holding a copy of the organization's
+# generation. A value, its version keys and that copy always share the value's slice.
+ORG_SLICES = 16
+
+
+def slice_of(anchor: str) -> int:
+    """The slice of the entity a key is about (a user, a project, a task; the organization for
+    organization-wide lists). Stable across processes and versions: crc32, not hash()."""
+    return zlib.crc32(anchor.encode()) % ORG_SLICES
+
+
+def org_tag(org_id: str, anchor: str | None = None) -> str:
+    """The hash tag of an organization's slice `{o:<org>:<slice>}`: a lookup script reads the
+    slice's generation, the entity's versions and the value together in one Redis Cluster slot.
+    Replacing the generation of every slice purges the tenant (one script per slice)."""
+    return "{o:" + org_id + ":" + str(slice_of(anchor or org_id)) + "}"
 
 
 def config_tag(name: str) -> str:
@@ -55,29 +67,37 @@ def hash_tag(name: str) -> str:
     return name[start:end + 1] if start >= 0 and end > start + 1 else ""
 
 
-# Version keys: what a write bumps. All of an organization's carry its tag.
-def org_generation(org_id: str) -> str:
-    return f"v:{org_tag(org_id)}:org"
+# Version keys: what a write bumps. Each carries the tag of its entity's slice.
+def org_generation(org_id: str, anchor: str | None = None) -> str:
+    """The organization's generation as seen by the slice of `anchor`."""
+    return f"v:{org_tag(org_id, anchor)}:org"
+
+
+def org_generations(org_id: str) -> list[str]:
+    """Every slice's copy of the generation: what a purge of the organization replaces."""
+    return [f"v:{{o:{org_id}:{n}}}:org" for n in range(ORG_SLICES)]
 
 
 def organization_version(org_id: str) -> str:
     return f"v:{org_tag(org_id)}:orginfo"
 
 
+# A user's session, profile, task list, notifications and stats share the user's slice (a
+# session's value depends on the user's version: a role change reaches live sessions at once).
 def user_version(org_id: str, user_id: str) -> str:
-    return f"v:{org_tag(org_id)}:user:{user_id}"
+    return f"v:{org_tag(org_id, user_id)}:user:{user_id}"
 
 
-def session_version(org_id: str, session_id: str) -> str:
-    return f"v:{org_tag(org_id)}:session:{session_id}"
+def session_version(org_id: str, user_id: str, session_id: str) -> str:
+    return f"v:{org_tag(org_id, user_id)}:session:{session_id}"
 
 
 def project_version(org_id: str, project_id: str) -> str:
-    return f"v:{org_tag(org_id)}:project:{project_id}"
+    return f"v:{org_tag(org_id, project_id)}:project:{project_id}"
 
 
 def task_version(org_id: str, task_id: str) -> str:
-    return f"v:{org_tag(org_id)}:task:{task_id}"
+    return f"v:{org_tag(org_id, task_id)}:task:{task_id}"
 
 
 def org_projects_version(org_id: str) -> str:
@@ -89,28 +109,28 @@ def org_users_version(org_id: str) -> str:
 
 
 def project_tasks_version(org_id: str, project_id: str) -> str:
-    return f"v:{org_tag(org_id)}:project-tasks:{project_id}"
+    return f"v:{org_tag(org_id, project_id)}:project-tasks:{project_id}"
 
 
 def user_tasks_version(org_id: str, user_id: str) -> str:
-    return f"v:{org_tag(org_id)}:user-tasks:{user_id}"
+    return f"v:{org_tag(org_id, user_id)}:user-tasks:{user_id}"
 
 
 def task_comments_version(org_id: str, task_id: str) -> str:
-    return f"v:{org_tag(org_id)}:task-comments:{task_id}"
+    return f"v:{org_tag(org_id, task_id)}:task-comments:{task_id}"
 
 
 def user_notifications_version(org_id: str, user_id: str) -> str:
-    return f"v:{org_tag(org_id)}:user-notifications:{user_id}"
+    return f"v:{org_tag(org_id, user_id)}:user-notifications:{user_id}"
 
 
 def config_version(name: str) -> str:
     return f"v:{config_tag(name)}:config"
 
 
-def tenant_name(org_id: str, *parts: str) -> str:
-    """A tenant's value (or statistics hash) name: `t:{o:<org>}:<family>:<ident>`."""
-    return ":".join(("t", org_tag(org_id), *parts))
+def tenant_name(org_id: str, anchor: str | None, *parts: str) -> str:
+    """A tenant's value (or statistics hash) name: `t:{o:<org>:<slice>}:<family>:<ident>`."""
+    return ":".join(("t", org_tag(org_id, anchor), *parts))
 
 
 def _query(**params: object) -> str:
@@ -119,44 +139,46 @@ def _query(**params: object) -> str:
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
-def _tenant(org_id: str, family: str, ident: str, versions: tuple[str, ...], ttl: int,
-            sliding: bool = False) -> Key:
-    return Key(family, tenant_name(org_id, family, ident), (org_generation(org_id), *versions),
-               ttl, sliding)
+def _tenant(org_id: str, anchor: str | None, family: str, ident: str,
+            versions: tuple[str, ...], ttl: int, sliding: bool = False) -> Key:
+    return Key(family, tenant_name(org_id, anchor, family, ident),
+               (org_generation(org_id, anchor), *versions), ttl, sliding)
 
 
 # Value keys: what a read looks up.
 def session(org_id: str, user_id: str, session_id: str) -> Key:
     """Sliding TTL: each use extends it. The user's version is part of it so that a change of
     roles reaches live sessions at once."""
-    return _tenant(org_id, "session", session_id,
-                   (session_version(org_id, session_id), user_version(org_id, user_id)), SESSION_TTL, sliding=True)
+    return _tenant(org_id, user_id, "session", session_id,
+                   (session_version(org_id, user_id, session_id), user_version(org_id, user_id)),
+                   SESSION_TTL, sliding=True)
 
 
 def user(org_id: str, user_id: str) -> Key:
-    return _tenant(org_id, "user", user_id, (user_version(org_id, user_id),), USER_TTL)
+    return _tenant(org_id, user_id, "user", user_id, (user_version(org_id, user_id),), USER_TTL)
 
 
 def organization(org_id: str) -> Key:
-    return _tenant(org_id, "organization", org_id, (organization_version(org_id),),
+    return _tenant(org_id, None, "organization", org_id, (organization_version(org_id),),
                    ORGANIZATION_TTL)
 
 
 def project(org_id: str, project_id: str) -> Key:
-    return _tenant(org_id, "project", project_id, (project_version(org_id, project_id),), PROJECT_TTL)
+    return _tenant(org_id, project_id, "project", project_id,
+                   (project_version(org_id, project_id),), PROJECT_TTL)
 
 
 def task(org_id: str, task_id: str) -> Key:
-    return _tenant(org_id, "task", task_id, (task_version(org_id, task_id),), TASK_TTL)
+    return _tenant(org_id, task_id, "task", task_id, (task_version(org_id, task_id),), TASK_TTL)
 
 
 def project_list(org_id: str, *, status: str | None, limit: int, cursor: str | None) -> Key:
-    return _tenant(org_id, "project_list", _query(status=status, limit=limit, cursor=cursor),
+    return _tenant(org_id, None, "project_list", _query(status=status, limit=limit, cursor=cursor),
                    (org_projects_version(org_id),), PROJECT_TTL)
 
 
 def member_list(org_id: str, *, limit: int, cursor: str | None) -> Key:
-    return _tenant(org_id, "member_list", _query(limit=limit, cursor=cursor),
+    return _tenant(org_id, None, "member_list", _query(limit=limit, cursor=cursor),
                    (org_users_version(org_id),), USER_TTL)
 
 
@@ -164,31 +186,32 @@ def project_tasks(org_id: str, project_id: str, *, status: str | None, assignee_
                   limit: int, cursor: str | None) -> Key:
     ident = f"{project_id}:" + _query(status=status, assignee=assignee_id, limit=limit,
                                       cursor=cursor)
-    return _tenant(org_id, "task_list", ident, (project_tasks_version(org_id, project_id),),
+    return _tenant(org_id, project_id, "task_list", ident, (project_tasks_version(org_id, project_id),),
                    TASK_LIST_TTL)
 
 
 def user_tasks(org_id: str, user_id: str, *, status: str | None, limit: int,
                cursor: str | None) -> Key:
     ident = f"{user_id}:" + _query(status=status, limit=limit, cursor=cursor)
-    return _tenant(org_id, "user_task_list", ident, (user_tasks_version(org_id, user_id),), TASK_LIST_TTL)
+    return _tenant(org_id, user_id, "user_task_list", ident,
+                   (user_tasks_version(org_id, user_id),), TASK_LIST_TTL)
 
 
 def task_comments(org_id: str, task_id: str, *, limit: int, cursor: str | None) -> Key:
     ident = f"{task_id}:" + _query(limit=limit, cursor=cursor)
-    return _tenant(org_id, "comment_list", ident, (task_comments_version(org_id, task_id),),
+    return _tenant(org_id, task_id, "comment_list", ident, (task_comments_version(org_id, task_id),),
                    TASK_LIST_TTL)
 
 
 def notifications(org_id: str, user_id: str, *, unread: bool, limit: int,
                   cursor: str | None) -> Key:
     ident = f"{user_id}:" + _query(unread=unread, limit=limit, cursor=cursor)
-    return _tenant(org_id, "notification_list", ident, (user_notifications_version(org_id, user_id),),
+    return _tenant(org_id, user_id, "notification_list", ident, (user_notifications_version(org_id, user_id),),
                    NOTIFICATION_TTL)
 
 
 def unread_count(org_id: str, user_id: str) -> Key:
-    return _tenant(org_id, "unread_count", user_id, (user_notifications_version(org_id, user_id),),
+    return _tenant(org_id, user_id, "unread_count", user_id, (user_notifications_version(org_id, user_id),),
                    NOTIFICATION_TTL)
 
 

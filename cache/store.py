@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol, Sequence, TypeVar
 
 import redis
+from redis.cluster import ClusterPipeline
 
 from cache import codec, metrics
 from cache.breaker import CircuitBreaker
-from cache.keys import Key, hash_tag, org_generation
+from cache.keys import Key, hash_tag, org_generations
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +114,15 @@ def unwrap(stored: bytes | None, tokens: str) -> bytes | None:
 
 
 def queue_evalsha(pipe, sha: str, keys: Sequence[str], args: Sequence) -> None:
-    """EVALSHA on a pipeline, plain or cluster. redis-py's ClusterPipeline refuses `.evalsha()`
-    (redis/redis-py#2914, allowed upstream by #4206 after 8.1) though it routes EVALSHA by its
-    keys; the generic command goes through that routing. All `keys` must share a slot."""
-    pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+    """EVALSHA on a pipeline, plain or cluster; all `keys` share a slot. redis-py 8.1's
+    ClusterPipeline refuses `.evalsha()` (redis/redis-py#2914, allowed upstream by #4206), and
+    routes the generic command by asking a node COMMAND GETKEYS first, a round trip per script;
+    so a cluster pipeline is told the node serving the keys' slot from the client's slot map."""
+    if isinstance(pipe, ClusterPipeline):
+        pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args,
+                             target_nodes=pipe.get_node_from_key(keys[0]))
+    else:
+        pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
 
 
 def event_marker(tag: str, event_id: str) -> str:
@@ -148,10 +154,6 @@ class Lookup:
     value: Any = MISSING
 
     @property
-    def answered(self) -> bool:
-        return self.tokens is not None
-
-    @property
     def hit(self) -> bool:
         return self.value is not MISSING
 
@@ -176,7 +178,7 @@ class BatchedCounters:
         self._hashes: dict[tuple[str, str], int] = {}
         self._zsets: dict[tuple[str, str], float] = {}
         self._ttl: dict[str, int] = {}
-        self._last = 0.0
+        self._last = time.monotonic()
 
     def hincr(self, key: str, field: str, ttl: int, by: int = 1) -> None:
         with self._lock:
@@ -266,8 +268,7 @@ class RedisCache:
         if not owed:
             return
         try:
-            for org_id in sorted(owed):  # one slot per organization
-                self._bump(keys=[org_generation(org_id)], args=[_token(), VERSION_TTL, "0"])
+            self._bump_per_slot([g for org_id in sorted(owed) for g in org_generations(org_id)])
             log.warning("purged %d organizations whose invalidations failed during an outage",
                         len(owed))
         except redis.RedisError:
@@ -447,22 +448,8 @@ class RedisCache:
         versions = sorted(set(versions))
         if not versions:
             return True
-        by_slot: dict[str, list[str]] = {}
-        for version in versions:
-            by_slot.setdefault(hash_tag(version), []).append(version)
-
-        def bump() -> int:
-            # One script per hash slot (an event's versions are normally one organization's),
-            # each with that slot's applied-once marker.
-            applied = 0
-            token = _token()
-            for tag, names in by_slot.items():
-                marked = [*names, event_marker(tag, event_id)] if event_id else names
-                applied |= int(self._bump(keys=marked,
-                                          args=[token, VERSION_TTL, "1" if event_id else "0"]))
-            return applied
         try:
-            applied = self.call("invalidate", bump)
+            applied = self.call("invalidate", lambda: self._bump_per_slot(versions, event_id))
         except Unavailable:
             with self._owed_lock:
                 self._owed_purges.update(org_ids)
@@ -471,8 +458,30 @@ class RedisCache:
             metrics.invalidations.labels(family, source).inc(len(versions))
         return True
 
+    def _bump_per_slot(self, versions: Sequence[str], event_id: str | None = None) -> bool:
+        """Replace the tokens of `versions`: one script per hash slot (an event's versions span
+        the slices of its entities; a purge, every slice), each with that slot's applied-once
+        marker of the event, all in one pipeline. True if any slot applied it."""
+        by_slot: dict[str, list[str]] = {}
+        for version in versions:
+            by_slot.setdefault(hash_tag(version), []).append(version)
+        token = _token()
+        for attempt in (1, 2):
+            pipe = self.client.pipeline(transaction=False)
+            for tag, names in by_slot.items():
+                marked = [*names, event_marker(tag, event_id)] if event_id else names
+                queue_evalsha(pipe, self._bump.sha, marked,
+                              [token, VERSION_TTL, "1" if event_id else "0"])
+            try:
+                return any(int(applied) for applied in pipe.execute())
+            except redis.exceptions.NoScriptError:
+                if attempt == 2:
+                    raise
+                self.client.script_load(_BUMP)
+        raise AssertionError("unreachable")
+
     def purge_organization(self, org_id: str) -> bool:
-        return self.invalidate([org_generation(org_id)], org_ids=[org_id], family="organization",
+        return self.invalidate(org_generations(org_id), org_ids=[org_id], family="organization",
                                source="purge")
 
     def ping(self) -> bool:

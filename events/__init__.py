@@ -48,7 +48,7 @@ def versions_for(kind: str, org_id: str, p: dict) -> list[str]:
         return [keys.project_version(org_id, p["project_id"]), keys.org_projects_version(org_id)]
     if kind == PROJECT_DELETED:
         # Its tasks sat in any member's lists and notifications: retire the organization.
-        return [keys.org_generation(org_id)]
+        return keys.org_generations(org_id)
     if kind in (USER_CREATED, USER_UPDATED):
         return [keys.user_version(org_id, p["user_id"]), keys.org_users_version(org_id)]
     if kind in (ORGANIZATION_CREATED, ORGANIZATION_UPDATED):
@@ -56,7 +56,7 @@ def versions_for(kind: str, org_id: str, p: dict) -> list[str]:
     if kind in (NOTIFICATION_CREATED, NOTIFICATION_READ):
         return [keys.user_notifications_version(org_id, u) for u in p["user_ids"]]
     if kind == SESSION_ENDED:
-        return [keys.session_version(org_id, p["session_id"])]
+        return [keys.session_version(org_id, p["user_id"], p["session_id"])]
     if kind == CONFIG_CHANGED:
         return [keys.config_version(p["name"])]
     raise ValueError(f"unknown event kind {kind!r}")

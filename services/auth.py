@@ -166,7 +166,7 @@ def end_session(services: Services, actor: Actor, *, replace: bool) -> dict | No
         if replace:
             user = uow.session.get(User, actor.user_id)
             new = _new_session(uow, user)
-        uow.emit(SESSION_ENDED, actor.org_id, session_id=actor.session_id)
+        uow.emit(SESSION_ENDED, actor.org_id, session_id=actor.session_id, user_id=actor.user_id)
         uow.commit()
         return issue_token(services, new) if new else None
 

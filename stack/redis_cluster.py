@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from typing import Iterable
@@ -198,11 +199,15 @@ class RedisCluster:
                 return False
         return True
 
+    def current_masters(self) -> list[ClusterNode]:
+        """The running nodes that are masters now (a failover swaps a master and its replica)."""
+        return [node for node in self.running_nodes()
+                if node.client().info("replication").get("role") == "master"]
+
     def flushall(self) -> None:
         """Empty every running master (their replicas follow)."""
-        for node in self.running_nodes():
-            if node.client().info("replication").get("role") == "master":
-                node.ask("FLUSHALL")
+        for node in self.current_masters():
+            node.ask("FLUSHALL")
 
     # -- health and failover -----------------------------------------------------------------
     def running_nodes(self) -> list[ClusterNode]:
@@ -277,9 +282,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--masters", type=int, default=3)
     parser.add_argument("--replicas", type=int, default=1)
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C: the context manager stops every node.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with RedisCluster.start(args.masters, args.replicas) as cluster:
         print(f"REDIS_CLUSTER_URL={cluster.url}", flush=True)
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         try:
             signal.pause()
         except KeyboardInterrupt:

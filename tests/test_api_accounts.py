@@ -141,7 +141,8 @@ def app_without_redis(settings):
     from web import create_app
 
     dead = f"redis://127.0.0.1:{free_port()}/0"
-    broken = settings.with_overrides(redis_url=dead, celery_broker_url=dead[:-1] + "1")
+    broken = settings.with_overrides(redis_url=dead, celery_broker_url=dead[:-1] + "1",
+                                     redis_cluster_url=None)
     built = build_services(broken, subscribe_l1=False)
     yield create_app(broken, built)
     built.close()

@@ -132,7 +132,7 @@ def test_readiness_stays_ok_and_cache_health_is_unhealthy_when_redis_is_down(set
     from web import create_app
 
     dead = f"redis://127.0.0.1:{free_port()}/0"
-    broken = settings.with_overrides(redis_url=dead)
+    broken = settings.with_overrides(redis_url=dead, redis_cluster_url=None)
     built = build_services(broken, subscribe_l1=False)
     try:
         client = create_app(broken, built).test_client()

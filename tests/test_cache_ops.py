@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.cache_helpers import count_round_trips, count_sql
+from conftest import redis_mode
 
 
 @pytest.fixture
@@ -26,18 +27,23 @@ def cost(client, services, url, headers) -> tuple[int, int, str]:
 @pytest.mark.parametrize("path, max_trips", [
     ("/api/projects/{id}", 1),          # session + project, prefetched together
     ("/api/projects/{id}/tasks", 2),    # session + project (404 check), then the list
-    ("/api/projects/{id}/stats", 1),    # session + project + stats hash + tally, together
+    ("/api/projects/{id}/stats", 1),    # session + project + stats hash, together
     ("/api/me", 3),                     # session + user + organization
 ])
 def test_a_warm_hot_request_never_touches_the_database(client, admin, project, services, path,
                                                        max_trips):
     url = path.format(id=project["id"])
     client.get(url, headers=admin.headers)
+    # The batched counters (the tests flush them on every request) ride on a request's round
+    # trip once per interval; on a cluster they go to other shards: not this request's cost.
+    services.cache.counters.interval = 3600
     sql, trips, source = cost(client, services, url, admin.headers)
     print(f"\n{path}: {trips} Redis round trips, {sql} SQL statements ({source})")
     assert source == "HIT-L2"
     assert sql == 0
-    assert trips <= max_trips
+    # On a cluster a request's keys sit in its session's and its entity's slices: one
+    # pipeline writes to each master concerned, then reads each (the waits overlap).
+    assert trips <= max_trips * (3 if redis_mode() == "cluster" else 1)
 
 
 def test_a_flag_read_from_l1_costs_no_round_trip(client, services):
@@ -73,6 +79,8 @@ def test_cache_health_is_healthy_with_a_good_hit_rate_and_degraded_below_0_6(cli
     assert bad["status"] == "degraded" and bad["hit_rate"] < 0.6
 
 
+@pytest.mark.skipif(redis_mode() == "cluster", reason="a cluster loses one master at a time: "
+                    "tests/test_cache_cluster.py")
 def test_cache_health_is_unhealthy_while_redis_is_down(client, redis_server):
     redis_server.kill()
     try:

@@ -141,10 +141,16 @@ def broker():
 
 
 @pytest.fixture(scope="module")
-def worker(database_url, redis_server, broker, tmp_path_factory):
-    """One worker for a test module and a database backend."""
+def worker(request, database_url, redis_server, broker, tmp_path_factory):
+    """One worker for a test module and a database backend (on the tests' Redis Cluster with
+    TEST_REDIS=cluster)."""
+    from conftest import redis_mode
+
+    extra = {}
+    if redis_mode() == "cluster":
+        extra["REDIS_CLUSTER_URL"] = request.getfixturevalue("redis_cluster").url
     started = start_worker(database_url, redis_server.url_for(0), broker.url_for(0),
-                           tmp_path_factory.mktemp("celery"))
+                           tmp_path_factory.mktemp("celery"), **extra)
     yield started
     started.stop()
 
