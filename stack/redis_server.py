@@ -81,6 +81,28 @@ def preexec_for_this_thread() -> Callable[[], None] | None:
     return None
 
 
+def redis_server_command(executable: str, port: int, directory: Path, maxmemory_policy: str,
+                         extra_args: Iterable[str] = ()) -> list[str]:
+    """A foreground redis-server on 127.0.0.1:`port`, no persistence, working in `directory`."""
+    return [
+        executable,
+        "--port", str(port),
+        "--bind", "127.0.0.1",
+        "--save", "",
+        "--appendonly", "no",
+        "--dir", str(directory),
+        "--maxmemory-policy", maxmemory_policy,
+        *extra_args,
+    ]
+
+
+def redis_executable() -> str:
+    executable = shutil.which("redis-server")
+    if executable is None:
+        raise RedisServerMissing(MISSING_MESSAGE)
+    return executable
+
+
 class RedisServer:
     """One `redis-server` in the foreground, no persistence, in its own temporary directory."""
 
@@ -103,9 +125,7 @@ class RedisServer:
     ) -> "RedisServer":
         """Start a server and wait until it answers PING. Without `port`, pick a free one (and
         pick again if another process takes it first)."""
-        executable = shutil.which("redis-server")
-        if executable is None:
-            raise RedisServerMissing(MISSING_MESSAGE)
+        executable = redis_executable()
         attempts = 1 if port is not None else 3
         for attempt in range(1, attempts + 1):
             server = cls(executable, port or free_port(), maxmemory_policy, extra_args)
@@ -168,16 +188,8 @@ class RedisServer:
         return f"<RedisServer {self.url} pid={self.pid} {state}>"
 
     def _command(self) -> list[str]:
-        return [
-            self._executable,
-            "--port", str(self._port),
-            "--bind", "127.0.0.1",
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", str(self._dir),
-            "--maxmemory-policy", self._maxmemory_policy,
-            *self._extra_args,
-        ]
+        return redis_server_command(self._executable, self._port, self._dir,
+                                    self._maxmemory_policy, self._extra_args)
 
     def _spawn_and_wait(self) -> None:
         self._dir.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ it (SIGKILL), web/gunicorn_conf.py sets it in every gunicorn worker.
 Why not supervisord, circus or honcho: honcho stops everything when one process exits (no
 restarts); supervisord gives up on a program after `startretries` (FATAL) and, like circus,
 leaves its children running when it is SIGKILLed, and each brings a daemon, a config format and,
-for circus, ZeroMQ. The policy we need is about 150 lines of Python, tested on real processes.
+for circus, ZeroMQ. The policy we need is about 200 lines of Python, tested on real processes.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from stack.redis_server import preexec_for_this_thread
 
@@ -125,8 +125,9 @@ class Supervisor:
         return child
 
     def run(self, stop: StopRequest, on_tick: Callable[[], None] | None = None,
-            interval: float = POLL_INTERVAL) -> None:
-        """Supervise until `stop` is set, then stop every child (also when this raises)."""
+            interval: float = POLL_INTERVAL, stop_first: Iterable[str] = ()) -> None:
+        """Supervise until `stop` is set, then stop every child (also when this raises): those
+        named in `stop_first` (say, the API and workers), then the rest (the servers they use)."""
         try:
             while not stop:
                 self.poll()
@@ -135,6 +136,7 @@ class Supervisor:
                 time.sleep(interval)
         finally:
             stop.ignore_further()
+            self.stop(stop_first)
             self.stop()
 
     def poll(self) -> None:
@@ -147,12 +149,14 @@ class Supervisor:
                 child.restarts += 1
                 self._spawn(child)
 
-    def stop(self) -> None:
-        """SIGTERM to every process group, up to stop_timeout for a graceful exit, then SIGKILL;
-        returns once every group is gone."""
-        live = [child for child in self.children.values() if child.process is not None]
-        for child in self.children.values():
+    def stop(self, names: Iterable[str] | None = None) -> None:
+        """SIGTERM to the process group of each child (or of those named), up to stop_timeout
+        for a graceful exit, then SIGKILL; returns once those groups are gone."""
+        chosen = [child for child in self.children.values()
+                  if names is None or child.name in set(names)]
+        for child in chosen:
             child.restart_at = None
+        live = [child for child in chosen if child.process is not None]
         if not live:
             return
         self.log(f"stopping {', '.join(child.name for child in live)}")
@@ -163,7 +167,8 @@ class Supervisor:
             _signal_group(child.process.pid, signal.SIGKILL)
         for child in live:
             child.process.wait()
-        restarted = {c.name: c.restarts for c in self.children.values() if c.restarts}
+            child.process = None
+        restarted = {c.name: c.restarts for c in live if c.restarts}
         if restarted:
             self.log("restarts during this run: "
                      + ", ".join(f"{name} {count}" for name, count in restarted.items()))
@@ -195,7 +200,7 @@ class Supervisor:
         delay = self.backoff.delay(child.failures_in_a_row)
         child.restart_at = now + delay
         self.log(f"{child.name} exited unexpectedly ({_describe(code)}) after {ran:.1f} s: "
-                 f"restart {child.restarts + 1} in {delay:.0f} s")
+                 f"restart {child.restarts + 1} in {delay:g} s")
 
 
 def _as_user(user: str | None) -> dict:

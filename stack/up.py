@@ -2,9 +2,9 @@
 
 Migrates and seeds the database, then runs the API (gunicorn), one Celery worker, exactly one beat
 and Flower as supervised child processes (stack/supervisor.py: a child that exits is restarted
-with backoff; only Ctrl-C or SIGTERM stops everything). Unless REDIS_URL / CELERY_BROKER_URL are
-set, it starts private redis-servers: one for the cache (maxmemory, allkeys-lru) and one for the
-broker (noeviction). As root, the children run as STACK_USER (nobody) when that user can.
+with backoff; only Ctrl-C or SIGTERM stops everything). Redis: see ensure_redis (private, supervised
+redis-servers for what is not configured: the cache evicting, the broker not). As root, the
+children run as STACK_USER (nobody) when that user can.
 
     python -m stack.up [--no-workers] [--print-config]
 """
@@ -18,6 +18,7 @@ import pwd
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -27,7 +28,13 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from config import Settings, load_settings
-from stack.redis_server import RedisServer, RedisServerMissing
+from stack.redis_server import (
+    RedisServerMissing,
+    free_port,
+    redis_answers,
+    redis_executable,
+    redis_server_command,
+)
 from stack.supervisor import StopRequest, Supervisor
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +51,7 @@ CELERY_APP = "worker.celery_app"
 WORKER_QUEUES = "invalidate,recompute,warmup,celery"
 # The private cache Redis: bounded, evicting the least recently used keys when full.
 CACHE_MAXMEMORY = "256mb"
+REDIS_READY_TIMEOUT = 10.0
 REDACTED = "***"
 
 
@@ -110,30 +118,44 @@ def export(**values: object) -> None:
 # --- Redis, database, Flower auth -------------------------------------------------------------
 
 
-def ensure_redis(env=os.environ) -> list[RedisServer]:
-    """A private redis-server for each of REDIS_URL and CELERY_BROKER_URL that is not set; set
-    URLs are used as given. Two servers, not two databases of one: the cache must evict when
-    full (allkeys-lru), the broker must never lose a queue (noeviction), and the policy is per
-    server."""
-    started = []
+def private_redis(supervisor: Supervisor, name: str, policy: str, *extra_args: str) -> str:
+    """A redis-server of this run, supervised like every other child (restarted on the same
+    port, empty, if it dies); returns its URL once it answers."""
+    port = free_port()
+    directory = VAR_DIR / name  # its log; nothing else (no persistence)
+    directory.mkdir(parents=True, exist_ok=True)
+    command = redis_server_command(redis_executable(), port, directory, policy,
+                                   [*extra_args, "--logfile", str(directory / "redis.log")])
+    supervisor.add(name, command, cwd=directory)
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + REDIS_READY_TIMEOUT
+    while not redis_answers(url):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"[up] the private {name} did not answer within "
+                             f"{REDIS_READY_TIMEOUT:.0f} s; its log: {directory / 'redis.log'}")
+        time.sleep(0.05)
+    return url
+
+
+def ensure_redis(supervisor: Supervisor, env=os.environ) -> None:
+    """Set URLs are used as given; for each one unset, a private redis-server. Never a Redis
+    that happens to answer on the default port: it is often shared and `noeviction`. Two
+    servers, not two databases of one: the cache must evict when full (allkeys-lru), the broker
+    must never lose a queue (noeviction), and the policy is per server."""
     if env.get("REDIS_URL"):
-        log(f"cache Redis: {redact_url(env['REDIS_URL'])}")
+        log(f"cache Redis: {redact_url(env['REDIS_URL'])} (REDIS_URL)")
     else:
-        cache = RedisServer.start(maxmemory_policy="allkeys-lru",
-                                  extra_args=["--maxmemory", CACHE_MAXMEMORY])
-        started.append(cache)
-        export(REDIS_URL=cache.url_for(0))
-        log(f"REDIS_URL unset: started a private cache redis-server on port {cache.port} "
-            f"(pid {cache.pid}, maxmemory {CACHE_MAXMEMORY}, allkeys-lru)")
+        url = private_redis(supervisor, "cache-redis", "allkeys-lru",
+                            "--maxmemory", CACHE_MAXMEMORY)
+        export(REDIS_URL=url)
+        log(f"cache Redis: a private redis-server at {url} (maxmemory {CACHE_MAXMEMORY}, "
+            "allkeys-lru)")
     if env.get("CELERY_BROKER_URL"):
-        log(f"broker Redis: {redact_url(env['CELERY_BROKER_URL'])}")
+        log(f"broker Redis: {redact_url(env['CELERY_BROKER_URL'])} (CELERY_BROKER_URL)")
     else:
-        broker = RedisServer.start(maxmemory_policy="noeviction")
-        started.append(broker)
-        export(CELERY_BROKER_URL=broker.url_for(0))
-        log(f"CELERY_BROKER_URL unset: started a private broker redis-server on port "
-            f"{broker.port} (pid {broker.pid}, noeviction)")
-    return started
+        url = private_redis(supervisor, "broker-redis", "noeviction")
+        export(CELERY_BROKER_URL=url)
+        log(f"broker Redis: a private redis-server at {url} (noeviction)")
 
 
 def migrate_database(settings: Settings) -> None:
@@ -251,16 +273,24 @@ def unprivileged_user(settings: Settings) -> str | None:
 
 def hand_files_to(user: str, settings: Settings) -> None:
     """What the children write becomes the user's: var/ (metric files, beat schedule, the
-    development secret key and SQLite file) and the directory of an SQLite file elsewhere (SQLite
-    creates its journal beside the file)."""
+    development secret key and SQLite file), and an SQLite file elsewhere with its journals and,
+    unless anyone may already create files there (/tmp), its directory, where SQLite creates them.
+    Never anything else: nothing is changed recursively outside var/."""
     entry = pwd.getpwnam(user)
-    tops = [VAR_DIR]
+
+    def give(path: str) -> None:
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+
+    for root, dirs, files in os.walk(VAR_DIR):
+        for name in [root, *(os.path.join(root, f) for f in dirs + files)]:
+            give(name)
     if settings.database_url.startswith("sqlite:///"):
-        tops.append(Path(settings.database_url.removeprefix("sqlite:///")).parent)
-    for top in tops:
-        for root, dirs, files in os.walk(top):
-            for name in [root, *(os.path.join(root, f) for f in dirs + files)]:
-                os.chown(name, entry.pw_uid, entry.pw_gid)
+        database = Path(settings.database_url.removeprefix("sqlite:///")).resolve()
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            if Path(f"{database}{suffix}").exists():
+                give(f"{database}{suffix}")
+        if not database.parent.stat().st_mode & stat.S_IWOTH:
+            give(str(database.parent))
 
 
 # --- supervision --------------------------------------------------------------------------------
@@ -295,9 +325,8 @@ def print_urls(settings: Settings, with_workers: bool) -> None:
 
 def run(args: argparse.Namespace, stop: StopRequest) -> int:
     supervisor = Supervisor(log, printable=printable)
-    redis_servers: list[RedisServer] = []
     try:
-        redis_servers = ensure_redis()
+        ensure_redis(supervisor)
         settings = load_settings()
         export(SECRET_KEY=settings.secret_key, DATABASE_URL=settings.database_url,
                WEB_PORT=settings.web_port, FLOWER_PORT=settings.flower_port)
@@ -310,12 +339,14 @@ def run(args: argparse.Namespace, stop: StopRequest) -> int:
         if user is not None:
             hand_files_to(user, settings)
         commands = {"web": web_command(settings)}
+        app_children: list[str] = []
         if not args.no_workers:
             commands.update(worker_commands(settings, flower_basic_auth(settings)))
         for name, command in commands.items():
             if stop:
                 break
             supervisor.add(name, command, child_env(name), cwd=PROJECT_ROOT, user=user)
+            app_children.append(name)
         announced = False
 
         def announce_once_the_api_answers() -> None:
@@ -324,15 +355,12 @@ def run(args: argparse.Namespace, stop: StopRequest) -> int:
                 print_urls(settings, not args.no_workers)
                 announced = True
 
-        supervisor.run(stop, on_tick=announce_once_the_api_answers)
+        supervisor.run(stop, on_tick=announce_once_the_api_answers, stop_first=app_children)
         log(f"received {signal.Signals(stop.signum).name}: stopped")
         return 0
     finally:
         stop.ignore_further()
         supervisor.stop()
-        for server in redis_servers:
-            log(f"stopping the private redis-server on port {server.port}")
-            server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,18 @@ def _backends() -> list[str]:
 
 @pytest.fixture(scope="session")
 def redis_server():
-    server = RedisServer.start()
+    """The cache Redis, bounded and evicting as `make up`'s is (/health/cache reports one that
+    cannot evict as degraded)."""
+    server = RedisServer.start(extra_args=["--maxmemory", "256mb"])
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def broker_server():
+    """The broker the app publishes to, a server of its own as in `make up` (no worker reads it
+    unless a test starts one; its queues are flushed with the cache)."""
+    server = RedisServer.start(maxmemory_policy="noeviction")
     yield server
     server.stop()
 
@@ -98,10 +109,11 @@ def topology_stack(database_url, tmp_path_factory):
 
 
 @pytest.fixture
-def settings(request, database_url, redis_server) -> Settings:
+def settings(request, database_url, redis_server, broker_server) -> Settings:
     import redis
 
     redis.Redis.from_url(redis_server.url_for(0)).flushall()
+    redis.Redis.from_url(broker_server.url_for(0)).flushall()
     cluster_url = None
     if topology_mode() == "cluster":
         topology = request.getfixturevalue("topology_stack")
@@ -116,7 +128,8 @@ def settings(request, database_url, redis_server) -> Settings:
     # Counters flushed on every request: a test reads them right after (their batching has
     # tests of its own).
     return Settings(database_url=database_url, redis_url=redis_server.url_for(0),
-                    celery_broker_url=redis_server.url_for(1), secret_key="test-secret-" + "x" * 32,
+                    celery_broker_url=broker_server.url_for(0),
+                    secret_key="test-secret-" + "x" * 32,
                     breaker_cooldown=0.5, redis_cluster_url=cluster_url, counter_flush_interval=0)
 
 

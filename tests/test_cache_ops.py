@@ -131,3 +131,26 @@ def test_only_an_admin_may_purge(client, admin):
     answer = client.delete("/api/admin/cache",
                            headers={"Authorization": f"Bearer {token['access_token']}"})
     assert answer.status_code == 403
+
+
+def test_cache_health_is_degraded_with_a_reason_when_the_cache_cannot_evict(settings, client):
+    from stack.redis_server import RedisServer
+
+    assert client.get("/health/cache").json["reasons"] == []  # maxmemory set, allkeys-lru, own
+    with RedisServer.start(maxmemory_policy="noeviction") as plain:
+        from services.context import build_services
+        from web import create_app
+
+        # A plain Redis shared by cache and broker, as the old default configuration was.
+        shared = settings.with_overrides(redis_url=plain.url_for(0),
+                                         celery_broker_url=f"redis://localhost:{plain.port}/1")
+        built = build_services(shared, subscribe_l1=False)
+        try:
+            body = create_app(shared, built).test_client().get("/health/cache").json
+        finally:
+            built.close()
+        assert body["status"] == "degraded" and body["maxmemory_policy"] == "noeviction"
+        assert body["maxmemory_mb"] == 0
+        reasons = " | ".join(body["reasons"])
+        assert "noeviction" in reasons and "no maxmemory" in reasons
+        assert "broker" in reasons  # same host:port, another database number

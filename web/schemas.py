@@ -258,6 +258,11 @@ class CacheHealth(BaseModel):
     connected_clients: int | None
     breaker: str
     error: str | None = None
+    # Why the status is degraded: a low hit rate, or a cache Redis that cannot evict.
+    reasons: list[str] = []
+    maxmemory_policy: str | None = None
+    maxmemory_mb: float | None = None
+    evicted_keys: int | None = None
 
 
 def page_of(item: type[BaseModel]) -> type[BaseModel]:

@@ -93,13 +93,18 @@ def cache_report(ctx) -> dict:
     hits = sum(int(t.get(b"hits", 0)) for t in (now, before))
     misses = sum(int(t.get(b"misses", 0)) for t in (now, before))
     hit_rate = hits / (hits + misses) if hits + misses else None
+    problems = eviction_problems(info, ctx.settings)
+    if hit_rate is not None and hit_rate < 0.6:
+        problems.append(f"hit rate {hit_rate:.2f} is below 0.6")
     return {
-        "status": "degraded" if hit_rate is not None and hit_rate < 0.6 else "healthy",
+        "status": "degraded" if problems else "healthy",
+        "reasons": problems,
         "hit_rate": None if hit_rate is None else round(hit_rate, 4),
         "memory_used_mb": round(info["used_memory"] / 1024 / 1024, 2),
         "connected_clients": info["connected_clients"],
         "evicted_keys": info.get("evicted_keys", 0),
         "maxmemory_policy": info.get("maxmemory_policy"),
+        "maxmemory_mb": round(int(info.get("maxmemory", 0)) / 1024 / 1024, 2),
         "breaker": breaker,
         "window": "last 1-2 hours, all API processes",
     }
@@ -117,6 +122,33 @@ def server_info(client) -> dict:
         summed[field] = sum(int(info.get(field, 0)) for info in per_node)
     summed["cluster_masters"] = len(per_node)
     return summed
+
+
+def eviction_problems(info: dict, settings) -> list[str]:
+    """Why the cache Redis could not make room by evicting: a full cache would refuse writes
+    (every write would then owe an invalidation), and evicting would drop the broker's queues."""
+    problems = []
+    if info.get("maxmemory_policy") == "noeviction":
+        problems.append("the cache Redis never evicts (maxmemory-policy noeviction): when full "
+                        "it refuses writes; use allkeys-lru")
+    if not int(info.get("maxmemory", 0)):
+        problems.append("the cache Redis has no maxmemory: it grows until the machine runs out")
+    if not settings.redis_cluster_url and (
+            server_address(settings.redis_url) == server_address(settings.celery_broker_url)):
+        problems.append("the cache Redis is also the Celery broker's server: it cannot evict "
+                        "without losing queued tasks; give the broker a Redis of its own")
+    return problems
+
+
+def server_address(url: str) -> tuple[str, int | str]:
+    """host:port of a redis:// URL (the socket path of a unix:// one); localhost is 127.0.0.1."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return ("unix", parts.path)
+    host = (parts.hostname or "127.0.0.1").lower()
+    return ("127.0.0.1" if host == "localhost" else host, parts.port or 6379)
 
 
 @bp.get("/metrics")
