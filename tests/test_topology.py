@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from api_support import PASSWORD, bearer, new_email
+from cache.keys import org_tag
 from topology_support import HttpClient, RunningTopology, log_events, wait_for
 
 pytestmark = pytest.mark.slow
@@ -285,7 +286,8 @@ def test_a_killed_cache_master_fails_over_without_5xx_or_stale_reads(topology, e
     path = f"/api/projects/{project}"
     on_every_instance(edge, path, headers, lambda a: a.json["name"] == "Before")
 
-    dead = topology.kill_cache_master_of("{o:%s}" % org)  # the organization's shard
+    shard = org_tag(org, project)  # the slot of the project's value and versions
+    dead = topology.kill_cache_master_of(shard)
     statuses, names = [], []
     for n in range(10):
         written = edge.patch(path, json={"name": f"During {n}"}, headers=headers)
@@ -297,7 +299,7 @@ def test_a_killed_cache_master_fails_over_without_5xx_or_stale_reads(topology, e
         assert read.json["name"] == f"During {n}", (n, read.json)
     assert set(statuses) == {200}, statuses
 
-    topology.wait_for_failover("{o:%s}" % org, dead)
+    topology.wait_for_failover(shard, dead)
     final = edge.patch(path, json={"name": "After"}, headers=headers)
     assert final.status_code == 200
     on_every_instance(edge, path, headers, lambda a: a.json["name"] == "After")
