@@ -11,7 +11,7 @@ BENCH_ARGS ?=
 PYTEST_ARGS ?=
 QUICK ?=
 
-.PHONY: install up up-cluster test test-cluster bench ops-check faults soak fuzz lock clean
+.PHONY: install up up-cluster test test-cluster test-topology bench ops-check faults soak fuzz lock clean
 
 install: $(UV)
 	@$(UV) sync --frozen --quiet
@@ -34,6 +34,10 @@ test: install
 	$(VENV_PYTHON) -m pytest $(PYTEST_ARGS)
 
 # The cache, API and worker tests with the cache on a private Redis Cluster (3 masters + replicas).
+# The HTTP-level tests through nginx against `make up-cluster` (tests/conftest.py: TEST_TOPOLOGY).
+test-topology: install
+	TEST_TOPOLOGY=cluster $(VENV_PYTHON) -m pytest tests/test_api_*.py tests/test_cache_categories.py tests/test_cache_ops.py $(PYTEST_ARGS)
+
 test-cluster: install
 	TEST_REDIS=cluster $(VENV_PYTHON) -m pytest tests/test_cache_*.py tests/test_api_*.py tests/test_worker_pipeline.py $(PYTEST_ARGS)
 

@@ -109,7 +109,8 @@ beat_schedule = {
 # RedBeat (`celery beat -S redbeat.RedBeatScheduler`, as `make up-cluster` runs two beats): the
 # schedule's state and the lock that lets exactly one beat send live in a Redis that never evicts:
 # the broker's (`redbeat_redis_url`, set with `broker_url` in worker.app), never the cache, which
-# evicts and is purged. A beat extends the lock every tick (at most `--max-interval` apart); a standby polls for
-# it every max-interval, so the schedule resumes within lock timeout + max-interval of a crash.
+# evicts and is purged. A beat extends the lock on every tick (at most `--max-interval` apart); a
+# standby polls for it every max-interval, so the schedule resumes within lock timeout +
+# max-interval of a crash.
 redbeat_redis_options = {"socket_timeout": 5, "socket_connect_timeout": 1}
 redbeat_lock_timeout = int(_seconds("REDBEAT_LOCK_TIMEOUT", 5))

@@ -90,6 +90,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         login_failures_per_address=int(env.get("LOGIN_FAILURES_PER_ADDRESS") or 30),
         trusted_proxies=tuple(p.strip() for p in (env.get("TRUSTED_PROXIES") or "").split(",")
                               if p.strip()),
+        counter_flush_interval=float(env.get("COUNTER_FLUSH_INTERVAL") or 1.0),
     )
 
 

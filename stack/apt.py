@@ -1,5 +1,5 @@
 """Tools the project runs outside Python (nginx, wrk), installed from Debian's packages by the
-project itself when missing, as root; another process may hold the dpkg lock, so apt waits for it."""
+project itself when missing, as root; another process may hold the dpkg lock: apt waits for it."""
 
 from __future__ import annotations
 

@@ -147,6 +147,8 @@ class Topology:
                 [str(BIN_DIR / "gunicorn"), "-c", str(GUNICORN_CONF), WSGI_APP,
                  "--bind", f"127.0.0.1:{port}"],
                 child_env(INSTANCE_NAME=f"{name}@{host}:{port}",
+                          # nginx, on this host, says who the client is (X-Forwarded-For).
+                          TRUSTED_PROXIES=os.environ.get("TRUSTED_PROXIES") or "127.0.0.1",
                           PROMETHEUS_MULTIPROC_DIR=metrics_dir,
                           WEB_CONCURRENCY=os.environ.get("WEB_CONCURRENCY") or 2))
         for n in range(1, WORKERS + 1):

@@ -71,7 +71,9 @@ http {{
 
     server {{
         listen {address}:{listen_port};
-        client_max_body_size 1m;
+        # Above the API's own 1 MiB limit, so that an oversized body gets the API's 413
+        # problem+json, not nginx's HTML page.
+        client_max_body_size 2m;
 
         # No kept-alive upstream connections: a write sent into one whose instance just died
         # is not retried (it may have run), while a fresh connection to a dead instance is

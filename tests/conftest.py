@@ -90,6 +90,24 @@ def redis_mode() -> str:
     return os.environ.get("TEST_REDIS", "single").strip().lower() or "single"
 
 
+def topology_mode() -> str:
+    """TEST_TOPOLOGY=cluster sends the HTTP-level tests' requests (the `client` fixture) through
+    nginx to `make up-cluster` (two API instances, its Redis Cluster, workers and beats) started
+    once per database backend; `settings` and `services` then reach the same database and cache.
+    Tests that reach into one process (hooks, injected faults) do not hold there."""
+    return os.environ.get("TEST_TOPOLOGY", "").strip().lower()
+
+
+@pytest.fixture(scope="session")
+def topology_stack(database_url, tmp_path_factory):
+    from topology_support import RunningTopology
+
+    running = RunningTopology.start(database_url, tmp_path_factory.mktemp("topology"),
+                                    COUNTER_FLUSH_INTERVAL=0)
+    yield running
+    running.stop()
+
+
 @pytest.fixture
 def settings(request, database_url, redis_server, broker_server) -> Settings:
     import redis
@@ -97,7 +115,13 @@ def settings(request, database_url, redis_server, broker_server) -> Settings:
     redis.Redis.from_url(redis_server.url_for(0)).flushall()
     redis.Redis.from_url(broker_server.url_for(0)).flushall()
     cluster_url = None
-    if redis_mode() == "cluster":
+    if topology_mode() == "cluster":
+        topology = request.getfixturevalue("topology_stack")
+        cluster_url = topology.state()["redis_cluster_url"]
+        cache = topology.cache()
+        cache.flushall(target_nodes=cache.PRIMARIES)
+        cache.close()
+    elif redis_mode() == "cluster":
         cluster = request.getfixturevalue("redis_cluster")
         cluster.flushall()
         cluster_url = cluster.url
@@ -126,7 +150,9 @@ def app(settings, services):
 
 
 @pytest.fixture
-def client(app):
+def client(request, app):
+    if topology_mode() == "cluster":
+        return request.getfixturevalue("topology_stack").client()
     return app.test_client()
 
 

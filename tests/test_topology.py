@@ -12,8 +12,10 @@ import time
 import uuid
 
 import pytest
+import requests
 
 from api_support import PASSWORD, bearer, new_email
+from cache.keys import org_tag
 from topology_support import HttpClient, RunningTopology, log_events, wait_for
 
 pytestmark = pytest.mark.slow
@@ -284,7 +286,8 @@ def test_a_killed_cache_master_fails_over_without_5xx_or_stale_reads(topology, e
     path = f"/api/projects/{project}"
     on_every_instance(edge, path, headers, lambda a: a.json["name"] == "Before")
 
-    dead = topology.kill_cache_master_of("{o:%s}" % org)  # the organization's shard
+    shard = org_tag(org, project)  # the slot of the project's value and versions
+    dead = topology.kill_cache_master_of(shard)
     statuses, names = [], []
     for n in range(10):
         written = edge.patch(path, json={"name": f"During {n}"}, headers=headers)
@@ -296,9 +299,21 @@ def test_a_killed_cache_master_fails_over_without_5xx_or_stale_reads(topology, e
         assert read.json["name"] == f"During {n}", (n, read.json)
     assert set(statuses) == {200}, statuses
 
-    topology.wait_for_failover("{o:%s}" % org, dead)
+    topology.wait_for_failover(shard, dead)
     final = edge.patch(path, json={"name": "After"}, headers=headers)
     assert final.status_code == 200
     on_every_instance(edge, path, headers, lambda a: a.json["name"] == "After")
     wait_for(lambda: edge.get(path, headers=headers).headers["X-Cache"] == "HIT-L2", 30,
              "the promoted replica serving the shard's cache again")
+
+
+def test_flower_shows_both_workers(topology):
+    url = topology.state()["flower"] + "/api/workers?refresh=1"
+
+    def both():
+        answer = requests.get(url, auth=("test", "flower-password"), timeout=30)
+        assert answer.status_code == 200, answer.status_code
+        names = {name.split("@")[0] for name in answer.json()}
+        return {"worker1", "worker2"} <= names
+    wait_for(both, 60, "Flower to list worker1 and worker2", 1.0)
+    assert requests.get(url, timeout=30).status_code == 401  # never without its basic auth

@@ -63,6 +63,9 @@ class Answer:
     def get_data(self, as_text: bool = False):
         return self.raw.text if as_text else self.data
 
+    def close(self) -> None:
+        self.raw.close()
+
 
 class HttpClient:
     """client.get/post/patch/delete(path, json=, headers=) over real HTTP."""
@@ -71,7 +74,7 @@ class HttpClient:
         self.base = base
         self.session = requests.Session()
 
-    def open(self, method: str, path: str, *, json=None, data=None, headers=None,
+    def open(self, path: str, method: str = "GET", *, json=None, data=None, headers=None,
              content_type: str | None = None, query_string=None) -> Answer:
         headers = dict(headers or {})
         if content_type:
@@ -82,19 +85,19 @@ class HttpClient:
         return Answer(response)
 
     def get(self, path, **kw):
-        return self.open("GET", path, **kw)
+        return self.open(path, "GET", **kw)
 
     def post(self, path, **kw):
-        return self.open("POST", path, **kw)
+        return self.open(path, "POST", **kw)
 
     def patch(self, path, **kw):
-        return self.open("PATCH", path, **kw)
+        return self.open(path, "PATCH", **kw)
 
     def put(self, path, **kw):
-        return self.open("PUT", path, **kw)
+        return self.open(path, "PUT", **kw)
 
     def delete(self, path, **kw):
-        return self.open("DELETE", path, **kw)
+        return self.open(path, "DELETE", **kw)
 
     def healthy(self) -> bool:
         try:
