@@ -71,9 +71,11 @@ http {{
 
     server {{
         listen {address}:{listen_port};
-        # Above the API's own 1 MiB limit, so that an oversized body gets the API's 413
-        # problem+json, not nginx's HTML page.
-        client_max_body_size 2m;
+        # Above the API's own 10 MiB drain bound, so that an oversized body gets the API's 413
+        # problem+json; beyond it, nginx's own answers are problem+json too (below).
+        client_max_body_size 11m;
+        server_tokens off;
+{_problem_pages()}
 
         # No kept-alive upstream connections: a write sent into one whose instance just died
         # is not retried (it may have run), while a fresh connection to a dead instance is
@@ -96,6 +98,37 @@ http {{
     }}
 }}
 """
+
+
+# nginx's own rejections, in the API's error format (API.md: every error is problem+json).
+# 494 is nginx's "request header too large" (sent as 400): clients get the API's 431.
+_PROBLEMS = [
+    ("400", 400, "Bad Request", "the request could not be parsed"),
+    ("413", 413, "Payload Too Large", "the request body is over the 1 MiB limit"),
+    ("414", 414, "URI Too Long", "the request line is too long"),
+    ("494", 431, "Request Header Fields Too Large", "a request header is too large"),
+    ("502 503 504", 503, "Service Unavailable", "no API instance answered; retry shortly"),
+]
+
+
+def _problem_pages() -> str:
+    lines = []
+    for codes, status, title, detail in _PROBLEMS:
+        # A URI, not a named location: nginx cannot redirect a request whose line it could not
+        # parse (414) to a named one ("empty URI in redirect").
+        name = f"/.problem/{status}"
+        body = ('{"type": "about:blank", "title": "%s", "status": %d, "detail": "%s"}'
+                % (title, status, detail))
+        lines.append(f"        error_page {codes} ={status} {name};")
+        lines.append(f"        location = {name} {{\n"
+                     f"            internal;\n"
+                     f"            default_type application/problem+json;\n"
+                     f"            add_header X-Content-Type-Options nosniff always;\n"
+                     f"            add_header Cache-Control no-store always;\n"
+                     + (f"            add_header Retry-After 1 always;\n" if status == 503 else "")
+                     + f"            return {status} '{body}';\n"
+                     f"        }}")
+    return "\n".join(lines)
 
 
 def _user_line(user: str | None) -> str:

@@ -91,6 +91,30 @@ def test_public_answers_are_served_from_the_edge_cache_authenticated_ones_never(
         assert private.headers.get("X-Cache-Status") in (None, "BYPASS")
 
 
+@pytest.mark.parametrize("size_mib, by", [(5, "the API"), (12, "nginx")])
+def test_an_oversized_body_gets_a_413_problem_from_the_edge_or_the_api(edge, size_mib, by):
+    """Up to 10 MiB the API drains the body and answers; beyond nginx's bound nginx does, in the
+    same format."""
+    account = sign_up(edge)
+    answer = edge.post("/api/projects", data=b"x" * (size_mib << 20), headers=account["headers"],
+                       content_type="application/json")
+
+    assert answer.status_code == 413, (by, answer.status_code)
+    assert answer.headers["Content-Type"].startswith("application/problem+json"), by
+    assert answer.json["status"] == 413
+    assert ("X-Instance" in answer.headers) == (by == "the API")
+
+
+def test_the_edges_own_rejections_are_problems_too(edge):
+    too_long_header = edge.get("/health", headers={"X-Padding": "x" * 20_000})
+    too_long_url = edge.get("/api/public/feature-flags?q=" + "x" * 20_000)
+
+    for answer, status in ((too_long_header, 431), (too_long_url, 414)):
+        assert answer.status_code == status, (status, answer.status_code)
+        assert answer.headers["Content-Type"].startswith("application/problem+json")
+        assert answer.json["status"] == status
+
+
 def test_read_your_writes_for_entities_and_lists_on_every_instance(edge):
     account = sign_up(edge)
     headers = account["headers"]
