@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,8 @@ def wrk_command(load: Load, url: str, script: str, *args: str, seconds: float | 
     duration = seconds or load.seconds
     conns = connections or load.connections
     thr = min(threads or load.threads, conns)
-    return [load.wrk, "-t", str(thr), "-c", str(conns), "-d", f"{duration:g}s",
+    # wrk takes whole seconds only (7.5s is a usage error): --seconds 15 halves to 7.5.
+    return [load.wrk, "-t", str(thr), "-c", str(conns), "-d", f"{math.ceil(duration)}s",
             "--timeout", "30s", "-s", str(LUA_DIR / script), url, "--", *args]
 
 

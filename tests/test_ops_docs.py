@@ -22,10 +22,26 @@ def chromium() -> str:
     return ensure_binary("chromium", "chromium")
 
 
-@pytest.fixture
-def served(app):
+@pytest.fixture(scope="module")
+def docs_app(redis_server, tmp_path_factory):
+    """/docs and /openapi.json read no database: one app for the module, whatever the backends
+    of the session (the browser runs once)."""
+    from config import Settings
+    from web import create_app
+
+    folder = tmp_path_factory.mktemp("docs")
+    app = create_app(Settings(database_url=f"sqlite:///{folder / 'unused.db'}",
+                              redis_url=redis_server.url_for(0),
+                              celery_broker_url=redis_server.url_for(1),
+                              secret_key="docs-" + "x" * 32))
+    yield app
+    app.extensions["taskcache"].close()
+
+
+@pytest.fixture(scope="module")
+def served(docs_app):
     """The app on a real HTTP server (a free port), for a real browser."""
-    server = make_server("127.0.0.1", 0, app, threaded=True)
+    server = make_server("127.0.0.1", 0, docs_app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_port}"
@@ -42,8 +58,8 @@ def _render(chromium: str, url: str, profile) -> subprocess.CompletedProcess:
                           stdin=subprocess.DEVNULL)
 
 
-def test_docs_lists_every_operation_in_a_browser(chromium, served, client, tmp_path):
-    document = client.get("/openapi.json").json
+def test_docs_lists_every_operation_in_a_browser(chromium, served, docs_app, tmp_path):
+    document = docs_app.test_client().get("/openapi.json").json
     wanted = {f"operations-{op['tags'][0]}-{op['operationId']}"
               for methods in document["paths"].values() for op in methods.values()}
     assert len(wanted) >= 30
@@ -63,7 +79,8 @@ def test_docs_lists_every_operation_in_a_browser(chromium, served, client, tmp_p
         line for line in done.stderr.splitlines() if "Content Security Policy" in line][:5]
 
 
-def test_docs_has_its_own_policy_and_no_inline_script(client):
+def test_docs_has_its_own_policy_and_no_inline_script(docs_app):
+    client = docs_app.test_client()
     answer = client.get("/docs")
     assert answer.status_code == 200 and answer.mimetype == "text/html"
     policy = answer.headers["Content-Security-Policy"]
