@@ -177,7 +177,8 @@ class Environment:
         self.log(f"cache redis-server on port {self.cache.port} (allkeys-lru, maxmemory "
                  f"{self.cache_maxmemory}), broker redis-server on port {self.broker.port}")
         upgrade(self.db_url)
-        self.engine = create_engine(self.db_url)
+        # pre-ping: the MariaDB fault kills this database's connections, the harness's idle ones too
+        self.engine = create_engine(self.db_url, pool_pre_ping=True)
         self.data = seed(self.engine, self.size, hash_password(secrets.token_urlsafe(12)),
                          session_ttl=TOKEN_TTL)
         self.tokens = {o.id: make_token(self.secret, o) for o in self.data.orgs}

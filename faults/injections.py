@@ -137,6 +137,7 @@ def mariadb_kill_connections(ctx: Context, seconds: float = 10.0) -> dict:
     each round those inside a transaction or running a statement, every fourth round all of them
     (idle pooled connections too)."""
     admin = ctx.env.admin
+    ctx.env.engine.dispose()  # the harness's own pooled connections are not the stack's
     killed, in_trx, rounds = 0, 0, 0
     deadline = time.monotonic() + seconds
     with admin.connect() as conn:

@@ -35,6 +35,19 @@ of load after it, then the load stops and:
 - **processes**: every process of the stack (supervisor, gunicorn master and workers, Celery
   worker and pool, beat, Flower) running at the end of the row; replaced pids are listed.
   Processes still alive 10 s after the stack was stopped are counted as orphans.
+
+**How the soak is run.** `make soak` (`MINUTES=30` by default) seeds the benchmark's quick dataset
+into a database of its own, starts the same stack (cache Redis `allkeys-lru` under a 1 GB
+`maxmemory`, large enough that nothing is evicted, so that the soak measures what the cache holds)
+and runs the benchmark's mixed workload (wrk, `bench/lua/mixed.lua`: 95% reads with Zipf
+popularity, 5% task updates and comments). Every 30 s (a twentieth of a run under 10 minutes) it
+samples the resident memory of every process of the stack (psutil), used memory, key count and
+clients of the cache and of the broker Redis, the stack's MariaDB connections (processlist rows
+of its database; the server-wide `Threads_connected` is shown, not judged: the server is shared)
+and the outbox backlog. Growth is measured from the end of the warm-up (the longest TTL of a
+cached key, 10 minutes, or half of a shorter run; averages of 3 samples) to the end (average of
+the last 3); flat means under 5% (a count under 10, such as the backlog, is flat while it moves
+by less than 10).
 """
 
 

@@ -104,6 +104,8 @@ def run_fault(env: Environment, fault: Fault, timing: Timing, wrk_load: Load | N
         row.detail = done.get("detail", "")
         progress.phase("load after the fault", load.ledger)
         progress.wait(timing.after, load.ledger)
+    except Exception as exc:  # reported in the row; the checks still run
+        row.problems.append(f"the fault's injection failed: {exc!r}"[:400])
     finally:
         load.stop()
     c = load.ledger.counters
@@ -116,6 +118,29 @@ def run_fault(env: Environment, fault: Fault, timing: Timing, wrk_load: Load | N
     if load.wrk_error:
         row.problems.append(f"wrk: {load.wrk_error}")
 
+    try:
+        check(env, stack, sup, before, load, timing, progress, row)
+    except Exception as exc:  # a harness failure is reported in its row; the suite goes on
+        row.problems.append(f"the checks failed: {exc!r}"[:400])
+    finally:
+        if own_stack:
+            orphans = env.stop_stack(stack)
+            row.orphans = len(orphans)
+            if orphans:
+                row.problems.append(f"{len(orphans)} processes outlived the stack (killed): "
+                                    f"{orphans}")
+    row.log_excerpt = log_excerpt(stack.log_path)
+    row.seconds = round(time.monotonic() - started, 1)
+    row.passed = (row.lost == 0 and row.status_5xx == 0 and row.stale == 0 and row.stats_exact
+                  and row.processes_ok and row.unreached == 0 and not row.problems
+                  and row.writes_acked > 0)
+    progress.finish(row)
+    return row
+
+
+def check(env: Environment, stack: Stack, sup: int, before, load: Workload, timing: Timing,
+          progress: Progress, row: Row) -> None:
+    """Lost writes, stale reads through every API process, convergence, the processes."""
     progress.phase("checking writes and reads through every API process", load.ledger)
     row.lost = len(lost := lost_writes(env.engine, load.ledger))
     row.examples += lost[:5]
@@ -147,18 +172,6 @@ def run_fault(env: Environment, fault: Fault, timing: Timing, wrk_load: Load | N
     missing = missing_roles(after)
     row.processes = ("all running" if row.processes_ok else "MISSING " + ", ".join(missing)) + \
         (f"; replaced: {', '.join(replaced)}" if replaced else "")
-    if own_stack:
-        orphans = env.stop_stack(stack)
-        row.orphans = len(orphans)
-        if orphans:
-            row.problems.append(f"{len(orphans)} processes outlived the stack (killed): {orphans}")
-    row.log_excerpt = log_excerpt(stack.log_path)
-    row.seconds = round(time.monotonic() - started, 1)
-    row.passed = (row.lost == 0 and row.status_5xx == 0 and row.stale == 0 and row.stats_exact
-                  and row.processes_ok and row.unreached == 0 and not row.problems
-                  and row.writes_acked > 0)
-    progress.finish(row)
-    return row
 
 
 def wrk_plan(env: Environment) -> Path:

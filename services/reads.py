@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from cache.keys import Key
@@ -17,7 +18,15 @@ def cached(services: Services, key: Key, load: Callable[[Session], Any],
     Returns (value, X-Cache)."""
 
     def from_db() -> Any:
-        with services.db.session() as session:
-            return load(session)
+        for attempt in (1, 2):
+            try:
+                with services.db.session() as session:
+                    return load(session)
+            except DBAPIError as exc:
+                # A connection lost mid-read (killed, server restarted): a read runs again on
+                # a fresh one; pre-ping keeps the pool from handing out another dead one.
+                if not exc.connection_invalidated or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     return services.cache.read_through(key, from_db, lookup)

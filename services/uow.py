@@ -40,7 +40,12 @@ class UnitOfWork:
         self.events.append(event)
 
     def commit(self) -> None:
-        self.session.commit()
+        self.session.flush()  # statements first: a connection lost here lost nothing committed
+        try:
+            self.session.commit()
+        except OperationalError as exc:
+            exc.during_commit = True  # the server may have committed: never run it again
+            raise
         events, self.events = self.events, []
         for event in events:
             apply_event(self.services, kind=event.kind, org_id=event.organization_id,
@@ -62,6 +67,15 @@ F = TypeVar("F", bound=Callable[..., Any])
 RETRYABLE_CODES = {1213, 1205}
 
 
+def retryable(exc: OperationalError) -> bool:
+    """A deadlock, or a connection lost (killed, server restarted) before COMMIT was sent: the
+    server rolled the transaction back, so it runs again on a fresh connection. Lost during
+    COMMIT, the outcome is unknown and the error stands."""
+    if getattr(exc.orig, "args", [None])[0] in RETRYABLE_CODES:
+        return True
+    return exc.connection_invalidated and not getattr(exc, "during_commit", False)
+
+
 def retry_on_deadlock(fn: F, attempts: int = 4) -> F:
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -69,8 +83,7 @@ def retry_on_deadlock(fn: F, attempts: int = 4) -> F:
             try:
                 return fn(*args, **kwargs)
             except OperationalError as exc:
-                code = getattr(exc.orig, "args", [None])[0]
-                if code not in RETRYABLE_CODES or attempt == attempts:
+                if not retryable(exc) or attempt == attempts:
                     raise
                 log.info("%s: %s, retrying (attempt %d)", fn.__name__, exc.orig, attempt)
                 time.sleep(random.uniform(0.005, 0.03) * attempt)
