@@ -8,7 +8,8 @@ import random
 import time
 from typing import Any, Callable, TypeVar
 
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from aggregates import Delta
@@ -44,8 +45,8 @@ class UnitOfWork:
         try:
             self.session.commit()
         except OperationalError as exc:
-            exc.during_commit = True  # the server may have committed: never run it again
-            raise
+            if not self._committed_after_all(exc):
+                raise
         events, self.events = self.events, []
         for event in events:
             apply_event(self.services, kind=event.kind, org_id=event.organization_id,
@@ -53,6 +54,28 @@ class UnitOfWork:
                         written_at=event.created_at)
         if events:
             self._publish([e.id for e in events])
+
+    def _committed_after_all(self, exc: OperationalError) -> bool:
+        """A connection lost during COMMIT: did the server commit? The write's first outbox row
+        says, read on a fresh connection with a locking read, which waits for a COMMIT still in
+        flight. Found: it committed, the after-commit steps run. Absent: the server rolled it
+        back and the error may run the write again (`retryable`). Unknown (no outbox row, or
+        the database unreachable): the error stands, never run twice."""
+        if not exc.connection_invalidated or not self.events:
+            exc.during_commit = True
+            return False
+        first = self.events[0].event_id
+        try:
+            with self.services.db.writers() as probe:
+                found = probe.scalar(select(OutboxEvent.id)
+                                     .where(OutboxEvent.event_id == first).with_for_update())
+                probe.rollback()
+        except DBAPIError:
+            exc.during_commit = True
+            return False
+        log.warning("connection lost during COMMIT; the write %s (%s)", first,
+                    "committed" if found else "was rolled back: running it again")
+        return found is not None
 
     def _publish(self, outbox_ids: list[int]) -> None:
         try:

@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import create_engine, select, text
 
 from cache.keys import project as project_key
+from events import PROJECT_CREATED
 from models import Project
 from services.reads import cached
 from services.uow import UnitOfWork, retry_on_deadlock
@@ -68,3 +69,51 @@ def test_a_read_whose_connection_is_killed_runs_again(services, admin, mariadb_o
 
     value, _ = cached(services, project_key(admin.organization["id"], "no-such-project"), load)
     assert value == 42 and len(attempts) == 2
+
+
+def _lose_connection_at_commit(uow: UnitOfWork, *, after_commit: bool) -> None:
+    """The connection drops at COMMIT: after the server committed (the answer is lost), or before
+    the COMMIT reached it (the server rolls the transaction back once it sees the socket close).
+    The client sees the same error, 2013, either way."""
+    import pymysql
+
+    raw = uow.session.connection().connection.dbapi_connection
+    real_commit = raw.commit
+
+    def commit() -> None:
+        if after_commit:
+            real_commit()
+        raw._sock.close()
+        raise pymysql.err.OperationalError(2013, "Lost connection to server during query")
+
+    raw.commit = commit
+
+
+@pytest.mark.parametrize("after_commit", [True, False], ids=["committed", "rolled-back"])
+def test_a_write_whose_connection_drops_at_commit_happens_exactly_once(services, admin,
+                                                                       mariadb_only,
+                                                                       after_commit):
+    attempts = []
+
+    @retry_on_deadlock
+    def write() -> str:
+        attempts.append(1)
+        with UnitOfWork(services) as uow:
+            project = Project(organization_id=admin.organization["id"], name="At commit",
+                              owner_id=admin.user["id"])
+            uow.session.add(project)
+            uow.session.flush()
+            uow.emit(PROJECT_CREATED, admin.organization["id"], project_id=project.id)
+            if len(attempts) == 1:
+                _lose_connection_at_commit(uow, after_commit=after_commit)
+            uow.commit()
+            return project.id
+
+    project_id = write()
+
+    assert len(attempts) == (1 if after_commit else 2)
+    with services.db.session() as session:
+        ids = session.execute(select(Project.id).where(
+            Project.organization_id == admin.organization["id"],
+            Project.name == "At commit")).scalars().all()
+    assert ids == [project_id]
