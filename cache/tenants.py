@@ -76,9 +76,9 @@ _tally = TenantTally()
 
 
 def org_of(key_name: str) -> str | None:
-    """The organization of a tenant key (`t:{org}:...`), None for process-wide keys."""
-    if key_name.startswith("t:"):
-        return key_name[2:].partition(":")[0]
+    """The organization of a tenant key (`t:{o:<org>:<slice>}:...`), None for process-wide keys."""
+    if key_name.startswith("t:{o:"):
+        return key_name[5:].partition(":")[0]
     return None
 
 

@@ -103,14 +103,15 @@ def _stored_names(services, checks: list[Check], stats: list[StatsCheck]) -> lis
     for check in checks:
         pipe.mget(check.key.versions)
     for s in stats:
-        pipe.get(keys.org_generation(s.org_id))
+        pipe.get(keys.org_generation(s.org_id, s.owner_id))
     replies = services.cache.call("sizing", pipe.execute)
     names: list[str | None] = []
+    # A value lives at its key's own name (stored with the tokens it is valid under); while a
+    # version key is missing, nothing current is stored there.
     for check, tokens in zip(checks, replies):
-        names.append(None if any(t is None for t in tokens) else
-                     check.key.name + "@" + ".".join(t.decode() for t in tokens))
+        names.append(None if any(t is None for t in tokens) else check.key.name)
     for s, gen in zip(stats, replies[len(checks):]):
-        names.append(None if gen is None else f"{s.agg.name(s.org_id, s.owner_id)}@{gen.decode()}")
+        names.append(None if gen is None else s.agg.name(s.org_id, s.owner_id))
     return names
 
 

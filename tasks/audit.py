@@ -31,7 +31,7 @@ from sqlalchemy import select
 from aggregates import PROJECT_STATS, USER_STATS, Aggregate
 from cache import codec, keys
 from cache import metrics as cache_metrics
-from cache.store import MISSING, Unavailable
+from cache.store import MISSING, Unavailable, unwrap
 from cache.tenants import org_of
 from models import AuthSession, Organization, Project, Task, User
 from services import auth, directory, notifications, projects, tasks
@@ -156,6 +156,7 @@ def _read_cached(services, checks: list[Check]) -> None:
 
     for check, found in zip(checks, services.cache.call("audit", tokens)):
         check.tokens = found
+        # The value is current while it was stored under the current tokens (`<tokens>|blob`).
         check.stored_name = (None if any(t is None for t in found) else
                              check.key.name + "@" + ".".join(t.decode() for t in found))
         check.cached = MISSING
@@ -164,12 +165,13 @@ def _read_cached(services, checks: list[Check]) -> None:
     def values():
         pipe = client.pipeline(transaction=False)
         for check in named:
-            pipe.get(check.stored_name)
+            pipe.get(check.key.name)
         return pipe.execute()
 
     for check, raw in zip(named, services.cache.call("audit", values) if named else []):
-        if raw is not None:
-            check.cached = codec.decode(raw)
+        blob = unwrap(raw, check.stored_name.rpartition("@")[2])
+        if blob is not None:
+            check.cached = codec.decode(blob)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -229,8 +231,8 @@ def _recheck(services, suspects: list[Check], report: Report, count) -> None:
             continue
         count(report.stale, family, cache_metrics.audit_stale)
         log.warning("stale %s in cache: %s", family, check.stored_name)
-        name = check.stored_name
-        try:  # retire exactly that value: the next read loads it again
+        name = check.key.name
+        try:  # retire that value: the next read loads it again
             services.cache.call("audit", lambda: services.cache.client.delete(name))
         except Unavailable:
             pass

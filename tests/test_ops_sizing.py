@@ -6,7 +6,7 @@ import re
 
 from cache import keys
 from ops import sizing
-from tests.test_ops_audit import _fill, _stored_name
+from tests.test_ops_audit import _fill
 
 
 def test_cache_size_measures_entries_and_recommends_maxmemory(app, client, sign_up, services):
@@ -17,7 +17,7 @@ def test_cache_size_measures_entries_and_recommends_maxmemory(app, client, sign_
     # MEMORY USAGE of the very entries the API cached.
     org = accounts[0].organization["id"]
     pid = filled[0][0]
-    usage = services.redis.memory_usage(_stored_name(services, keys.project(org, pid)), samples=0)
+    usage = services.redis.memory_usage(keys.project(org, pid).name, samples=0)
     counts = sizing.database_counts(services)  # the session's database outlives a test
     project = by_name["project"]
     assert project.count == counts["projects"] >= 3 and usage in project.found
