@@ -73,10 +73,10 @@ def _role(cmdline: list[str]) -> str:
     joined = " ".join(cmdline)
     if "gunicorn" in joined:
         return "web"
+    if " flower" in joined or "worker.flower" in joined:  # `celery flower`, `-m worker.flower`
+        return "flower"
     if " beat" in joined:
         return "beat"
-    if " flower" in joined:
-        return "flower"
     if " worker" in joined:
         return "worker"
     return "other"
