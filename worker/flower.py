@@ -20,7 +20,9 @@ def main(argv: list[str]) -> None:
     require_auth_on_every_page()
     from celery.bin.celery import main as celery_main
 
-    sys.argv = ["celery", "-A", "worker.celery_app", "flower", *argv]
+    # Flower keeps every task it has seen, 100,000 by default: its memory grew through the whole
+    # soak. 10,000 recent tasks are plenty to look at and bound it.
+    sys.argv = ["celery", "-A", "worker.celery_app", "flower", "--max_tasks=10000", *argv]
     celery_main()
 
 
