@@ -19,8 +19,6 @@ import os
 import shutil
 import socket
 import sys
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -42,6 +40,7 @@ from stack.up import (
     export,
     flower_basic_auth,
     hand_files_to,
+    http_answers,
     local_host,
     migrate_database,
     printable,
@@ -202,16 +201,6 @@ class Topology:
         self.published = pids
 
 
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=0.5):
-            return True
-    except urllib.error.HTTPError:
-        return True
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 def print_urls(stack: Topology) -> None:
     settings = load_settings()
     here = local_host(settings)
@@ -256,7 +245,7 @@ def run(args: argparse.Namespace, stop: StopRequest) -> int:
         def on_tick() -> None:
             nonlocal announced
             stack.publish_state()
-            if not announced and all(answers(url) for url in edges):
+            if not announced and all(http_answers(url) for url in edges):
                 print_urls(stack)
                 announced = True
 

@@ -125,7 +125,7 @@ def _problem_pages() -> str:
                      f"            default_type application/problem+json;\n"
                      f"            add_header X-Content-Type-Options nosniff always;\n"
                      f"            add_header Cache-Control no-store always;\n"
-                     + (f"            add_header Retry-After 1 always;\n" if status == 503 else "")
+                     + ("            add_header Retry-After 1 always;\n" if status == 503 else "")
                      + f"            return {status} '{body}';\n"
                      f"        }}")
     return "\n".join(lines)

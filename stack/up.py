@@ -302,8 +302,11 @@ def local_host(settings: Settings) -> str:
 
 
 def api_answers(settings: Settings) -> bool:
+    return http_answers(f"http://{local_host(settings)}:{settings.web_port}/health")
+
+
+def http_answers(url: str) -> bool:
     """Any HTTP answer counts: the server is up, and /health's own status is for monitors."""
-    url = f"http://{local_host(settings)}:{settings.web_port}/health"
     try:
         with urllib.request.urlopen(url, timeout=0.5):
             return True

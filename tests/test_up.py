@@ -194,7 +194,7 @@ def test_make_up_restarts_a_dead_child_and_leaves_nothing_when_killed(sqlite_sta
     assert stack.child_pid("web") == stack.pids["web"]
     restarted = stack.child_pid("worker")
     assert restarted != stack.pids["worker"]
-    stack.wait_for_log(rf"(?s)started worker \(restart 1\).*celery@\S+ ready\.")
+    stack.wait_for_log(r"(?s)started worker \(restart 1\).*celery@\S+ ready\.")
 
     # SIGKILL of the supervisor: every process of the stack goes (gunicorn and pool workers,
     # beat, Flower, both redis-servers), none keeps consuming a broker.

@@ -8,7 +8,7 @@ from services import auth, directory, tasks
 from services.stats import user_stats
 from web import schemas as s
 from web.client import client_address
-from web.endpoint import bearer_token, endpoint
+from web.endpoint import endpoint
 
 bp = Blueprint("accounts", __name__)
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import os
-import time
 
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response
 
 from cache.store import tally_key
 from services.directory import require_admin
