@@ -276,9 +276,15 @@ def markdown(r: dict) -> str:
 
 def update_benchmarks_md(path: Path, r: dict, table: str) -> None:
     """Replace this mode's block, keep everything else (the other mode, the profile notes)."""
-    start, end = f"<!-- bench:{r['mode']} -->", f"<!-- /bench:{r['mode']} -->"
-    block = f"{start}\n{table}{end}"
-    text = path.read_text() if path.exists() else PREAMBLE
+    replace_block(path, f"bench:{r['mode']}", table, PREAMBLE)
+
+
+def replace_block(path: Path, name: str, block_text: str, preamble: str) -> None:
+    """Rewrite the `<!-- name -->` block of a generated document (appended when missing); the
+    rest of the file, hand-written notes included, stays as it is."""
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    block = f"{start}\n{block_text}{end}"
+    text = path.read_text() if path.exists() else preamble
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     if pattern.search(text):
         text = pattern.sub(lambda _: block, text)

@@ -3,8 +3,9 @@ replaces (the rest of the file is left alone)."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
+
+from bench.report import replace_block
 
 PREAMBLE = """# Reliability
 
@@ -156,12 +157,4 @@ def _growth(value) -> str:
 
 
 def update(path: Path, name: str, block_text: str) -> None:
-    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
-    block = f"{start}\n{block_text}{end}"
-    text = path.read_text() if path.exists() else PREAMBLE
-    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
+    replace_block(path, name, block_text, PREAMBLE)
