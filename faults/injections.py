@@ -163,13 +163,13 @@ def mariadb_kill_connections(ctx: Context, seconds: float = 10.0) -> dict:
 
 
 def cache_evicting(ctx: Context, seconds: float = 20.0) -> dict:
-    """A maxmemory a little above what the cache holds, allkeys-lru: it fills and evicts under
-    the load. Keyspace notifications name the evicted keys, so evicted version keys are counted.
+    """A maxmemory a tenth below what the cache holds, allkeys-lru: it evicts at once and goes on
+    evicting under the load (a limit above the cache's size may never be reached in a short row). Keyspace notifications name the evicted keys, so evicted version keys are counted.
     The limit stays for the rest of the row (reads after recovery run against a full cache)."""
     client = redis.Redis.from_url(ctx.env.cache.url)
     info = client.info("memory")
     base = int(info["used_memory"])
-    limit = max(base + 256 * 1024, int(info["used_memory_startup"]) + 1024 * 1024)
+    limit = max(int(base * 0.9), int(info["used_memory_startup"]) + 1024 * 1024)
     client.config_set("notify-keyspace-events", "Ee")
     evicted: dict[str, int] = {"version": 0, "other": 0}
     stop = threading.Event()
