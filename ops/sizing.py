@@ -125,6 +125,7 @@ def measure(services, sample: int = 100, progress: Callable[[int], None] = lambd
     candidates = [(c.key.family, c, n) for c, n in zip(checks, names)] + [
         (f"{s.agg.kind}_stats", None, n) for s, n in zip(stats, names[len(checks):])]
     missing: list[tuple[Family, Check]] = []
+    cached: list[Check] = []  # candidates found in Redis: their version keys exist too
     for start in range(0, len(candidates), 100):
         batch = candidates[start:start + 100]
         pipe = client.pipeline(transaction=False)
@@ -141,6 +142,8 @@ def measure(services, sample: int = 100, progress: Callable[[int], None] = lambd
             usage, length = (next(replies), next(replies)) if name else (None, None)
             if usage:
                 family.found.append(int(usage))
+                if check is not None:
+                    cached.append(check)
                 if check is not None and length:
                     key_overheads.append(int(usage) - int(length))
             elif check is not None:
@@ -161,7 +164,7 @@ def measure(services, sample: int = 100, progress: Callable[[int], None] = lambd
         family.count = counts.get(kind, 0) * per
     versions = Family("version keys")
     versions.count = sum(counts[k] * n for k, n in VERSION_KEYS.items())
-    version_names = sorted({v for c in checks[:200] for v in c.key.versions})[:100]
+    version_names = sorted({v for c in (cached or checks)[:200] for v in c.key.versions})[:100]
     if version_names:
         pipe = client.pipeline(transaction=False)
         for name in version_names:
