@@ -42,10 +42,9 @@ from stack.up import (
     hand_files_to,
     http_answers,
     local_host,
-    migrate_database,
+    prepare_database,
     printable,
     redact_url,
-    seed_database,
     unprivileged_user,
     worker_commands,
 )
@@ -225,12 +224,7 @@ def run(args: argparse.Namespace, stop: StopRequest) -> int:
             args.log_dir.mkdir(parents=True, exist_ok=True)
         start_cache(cleanups, args.cache)
         start_broker(cleanups)
-        settings = load_settings()
-        export(SECRET_KEY=settings.secret_key, DATABASE_URL=settings.database_url,
-               WEB_PORT=settings.web_port, FLOWER_PORT=settings.flower_port)
-        migrate_database(settings)
-        if not stop:
-            seed_database(settings)
+        settings = prepare_database(stop)
         user = unprivileged_user(settings)
         stack.plan(args.instances, flower_basic_auth(settings), nginx_binary, user)
         if user is not None:

@@ -165,6 +165,17 @@ def migrate_database(settings: Settings) -> None:
     upgrade(settings.database_url)
 
 
+def prepare_database(stop) -> Settings:
+    """Settings every child will share (exported), the schema migrated, the demo seeded."""
+    settings = load_settings()
+    export(SECRET_KEY=settings.secret_key, DATABASE_URL=settings.database_url,
+           WEB_PORT=settings.web_port, FLOWER_PORT=settings.flower_port)
+    migrate_database(settings)
+    if not stop:
+        seed_database(settings)
+    return settings
+
+
 def seed_database(settings: Settings) -> None:
     from seed import seed_demo_if_empty
 
@@ -330,12 +341,7 @@ def run(args: argparse.Namespace, stop: StopRequest) -> int:
     supervisor = Supervisor(log, printable=printable)
     try:
         ensure_redis(supervisor)
-        settings = load_settings()
-        export(SECRET_KEY=settings.secret_key, DATABASE_URL=settings.database_url,
-               WEB_PORT=settings.web_port, FLOWER_PORT=settings.flower_port)
-        migrate_database(settings)
-        if not stop:
-            seed_database(settings)
+        settings = prepare_database(stop)
         VAR_DIR.mkdir(exist_ok=True)
         fresh_prometheus_dir()
         user = unprivileged_user(settings)
