@@ -141,18 +141,22 @@ def _take_in_redis(services: Services, limits) -> tuple[str | None, int]:
 @retry_on_deadlock
 def _take_in_database(services: Services, limits) -> tuple[str | None, int]:
     now = utcnow()
+    window = dt.timedelta(seconds=WINDOW)
     keys = [key for _, key, _ in limits]
     with services.db.writers() as db:
         # The rows exist before they are counted under their row locks: concurrent first
         # attempts inserting the same key would deadlock on InnoDB's duplicate-key locks.
+        # A new row's window ended a window ago, not now: a parallel attempt that read the clock
+        # a moment before this one must still open the window (count 1) rather than count into
+        # it, or the next attempt, whose clock is past `now`, would reset that count.
         db.execute(insert(LoginThrottle)
                    .prefix_with("OR IGNORE", dialect="sqlite")
                    .prefix_with("IGNORE", dialect="mysql").prefix_with("IGNORE", dialect="mariadb")
-                   .values([{"key": key, "failures": 0, "window_ends": now} for key in keys]))
-        if next(_uses) % _CLEANUP_EVERY == 0:
+                   .values([{"key": key, "failures": 0, "window_ends": now - window}
+                            for key in keys]))
+        if next(_uses) % _CLEANUP_EVERY == 0:  # rows a window older than any new row's
             db.execute(delete(LoginThrottle).where(
-                LoginThrottle.window_ends <= now - dt.timedelta(seconds=WINDOW),
-                LoginThrottle.key.not_in(keys)))
+                LoginThrottle.window_ends <= now - 2 * window, LoginThrottle.key.not_in(keys)))
         db.commit()
     with services.db.writers() as db:
         for label, key, limit in limits:  # always email before address: no lock cycles
@@ -178,4 +182,5 @@ def _count_in_database(db: Session, key: str, limit: int, now: dt.datetime) -> i
     if counted:
         return 0
     window_ends = db.scalar(select(LoginThrottle.window_ends).where(LoginThrottle.key == key))
-    return max(1, math.ceil((window_ends - now).total_seconds()))
+    # A parallel attempt that read the clock after this one may have opened the window.
+    return min(WINDOW, max(1, math.ceil((window_ends - now).total_seconds())))
