@@ -64,6 +64,8 @@ class Settings:
     # Seconds a process keeps the counters every request touches (hit tally, busiest projects)
     # before writing them to Redis in one batch (0: on every request).
     counter_flush_interval: float = 1.0
+    # Copies each API process keeps in its near cache (cache/near.py); 0 turns it off.
+    near_cache_entries: int = 20_000
 
     def with_overrides(self, **changes) -> "Settings":
         return replace(self, **changes)
@@ -91,6 +93,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         trusted_proxies=tuple(p.strip() for p in (env.get("TRUSTED_PROXIES") or "").split(",")
                               if p.strip()),
         counter_flush_interval=float(env.get("COUNTER_FLUSH_INTERVAL") or 1.0),
+        near_cache_entries=int(env.get("NEAR_CACHE_ENTRIES") or 20_000),
     )
 
 

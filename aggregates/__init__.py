@@ -26,7 +26,9 @@ from sqlalchemy.orm import Session
 
 from cache import metrics, tenants
 from cache.keys import AGGREGATE_TTL, org_generation, tenant_name
-from cache.store import MISSING, VERSION_TTL, RedisCache, Unavailable, _token, queue_evalsha
+from cache.near import NearCache
+from cache.store import (MISSING, NEAR_MAX_AGE, VERSION_TTL, RedisCache, Unavailable, _token,
+                         queue_evalsha)
 from models import Comment, Project, Task, TaskStatus, User
 
 STATUSES = [s.value for s in TaskStatus]
@@ -161,6 +163,11 @@ return 'replaced'
 """
 
 
+def _reserved(flat: list) -> bool:
+    """A hash reserved by a recount in progress (seq -1) reads as a miss."""
+    return bool(flat) and b"seq" in flat[::2] and flat[flat.index(b"seq") + 1] == b"-1"
+
+
 @dataclass(frozen=True)
 class Aggregate:
     """One kind of statistics: how to name it, count it from the database, and present it."""
@@ -260,6 +267,7 @@ class Snapshot:
     stale: bool
     ttl: int
     stalled: float = 0.0  # seconds a gap has stood without progress (0 when not stale)
+    layer: str = "redis"  # "l1": served from the near cache
 
 
 @dataclass
@@ -270,8 +278,38 @@ class StatsRead:
     agg: Aggregate
     org_id: str
     owner_id: str
-    also: Callable[[redis.client.Pipeline], None] | None = None
+    also: Callable[[redis.client.Pipeline | None], None] | None = None
     reply: Any = MISSING
+    layer: str = "redis"  # "l1" once served from the near cache
+
+    @property
+    def name(self) -> str:
+        return self.agg.name(self.org_id, self.owner_id)
+
+    def from_near(self, near: "NearCache", ticket: int | None) -> bool:
+        """Serve the reply from the near cache, aged by the time since it was read (its TTL and
+        Redis' clock move on), or return False."""
+        kept = near.get(self.name, ticket)
+        if kept is MISSING:
+            return False
+        (flat, ttl, now), read_at = kept
+        age = int(time.monotonic() - read_at)
+        self.reply = [flat, ttl - age if ttl >= 0 else ttl, int(now) + age]
+        self.layer = "l1"
+        if self.also:
+            self.also(None)
+        return True
+
+    def keep_near(self, near: "NearCache", ticket: int | None) -> None:
+        """Keep a hit for the next reads of this process (a miss or a reservation is not kept)."""
+        if self.reply is MISSING or self.layer != "redis":
+            return
+        flat, ttl, _ = self.reply
+        if not flat or _reserved(flat) or ttl < 0:
+            return
+        keys, _ = self.store._args(self.agg, self.org_id, self.owner_id)
+        near.put(self.name, (self.reply, time.monotonic()), keys, ticket,
+                 max_age=min(float(ttl), NEAR_MAX_AGE))
 
     def queue(self, pipe: redis.client.Pipeline) -> int:
         keys, args = self.store._args(self.agg, self.org_id, self.owner_id)
@@ -287,7 +325,8 @@ class StatsRead:
         client.script_load(_READ)
 
     def snapshot(self) -> Snapshot | None:
-        return self.store.parse(self.agg, self.owner_id, self.reply, org_id=self.org_id)
+        return self.store.parse(self.agg, self.owner_id, self.reply, org_id=self.org_id,
+                                layer=self.layer)
 
 
 class AggregateStore:
@@ -312,6 +351,12 @@ class AggregateStore:
         if not self.cache.enabled:
             return None
         read = self.side_read(agg, org_id, owner_id, also)
+        near = self.cache.near
+        ticket = near.begin() if near and counted else None
+        if ticket is not None and read.from_near(near, ticket):
+            if self.cache.counters.due():
+                self.cache.flush_counters()
+            return read.snapshot()
 
         def run() -> Any:
             for attempt in (1, 2):
@@ -325,6 +370,8 @@ class AggregateStore:
                     read.load_scripts(self.cache.client)
 
         read.reply = self.cache.call("get", run)
+        if ticket is not None:
+            read.keep_near(near, ticket)
         return self.parse(agg, owner_id, read.reply, org_id=org_id, counted=counted)
 
     def side_read(self, agg: Aggregate, org_id: str, owner_id: str,
@@ -333,14 +380,14 @@ class AggregateStore:
         return StatsRead(self, agg, org_id, owner_id, also)
 
     def parse(self, agg: Aggregate, owner_id: str, reply: Any, *, org_id: str | None = None,
-              counted: bool = True) -> Snapshot | None:
+              counted: bool = True, layer: str = "redis") -> Snapshot | None:
         """`counted=False`: an inspection (the auditor's), not a request: no hit/miss metric."""
         flat, ttl, now = reply
-        if flat and b"seq" in flat[::2] and flat[flat.index(b"seq") + 1] == b"-1":
+        if _reserved(flat):
             flat = []  # reserved by a recount in progress: a miss
         if counted:
             family = f"{agg.kind}_stats"
-            (metrics.hits if flat else metrics.misses).labels("redis", family).inc()
+            (metrics.hits if flat else metrics.misses).labels(layer, family).inc()
             if org_id:
                 tenants.count_lookup(org_id, bool(flat))
         if not flat:
@@ -352,7 +399,7 @@ class AggregateStore:
         stale = int(raw.get("known", 0)) > seq
         stalled = max(0.0, float(now) - float(raw.get("gap_since", now))) if stale else 0.0
         return Snapshot(agg.present(owner_id, counts), seq, float(raw.get("computed_at", 0)),
-                        stale=stale, ttl=int(ttl), stalled=stalled)
+                        stale=stale, ttl=int(ttl), stalled=stalled, layer=layer)
 
     def apply(self, delta: Delta, source: str) -> str:
         agg = AGGREGATES[delta.kind]

@@ -102,13 +102,23 @@ def hit_rates(before: dict, after: dict) -> dict:
             fam = layer["families"].setdefault(lab.get("entity_type", "?"),
                                                {"hits": 0, "misses": 0})
             fam[kind] += int(value)
+    # A lookup missed by the process's own copies (l1) goes on to Redis: only Redis' misses are
+    # reads the caches could not serve.
     total_h = sum(v["hits"] for v in layers.values())
-    total_m = sum(v["misses"] for v in layers.values())
+    total_m = layers["redis"]["misses"] if "redis" in layers else 0
+    families: dict[str, dict] = defaultdict(lambda: {"hits": 0, "misses": 0})
+    for name, layer in layers.items():
+        for family, counts in layer["families"].items():
+            families[family]["hits"] += counts["hits"]
+            if name == "redis":
+                families[family]["misses"] += counts["misses"]
 
     def rate(h: int, m: int) -> float | None:
         return round(h / (h + m), 5) if h + m else None
 
-    result = {"overall": {"hits": total_h, "misses": total_m, "hit_rate": rate(total_h, total_m)}}
+    result = {"overall": {"hits": total_h, "misses": total_m, "hit_rate": rate(total_h, total_m),
+                          "families": {f: {**v, "hit_rate": rate(v["hits"], v["misses"])}
+                                       for f, v in sorted(families.items())}}}
     for name, layer in sorted(layers.items()):
         result[name] = {"hits": layer["hits"], "misses": layer["misses"],
                         "hit_rate": rate(layer["hits"], layer["misses"]),

@@ -52,3 +52,10 @@ audit_stale = Counter("cache_audit_stale_total",
 audit_in_flight = Counter("cache_audit_in_flight_total",
                           "Differences explained by a write in flight (retired or caught up "
                           "before the re-check): not stale", ["entity_type"])
+# The near cache (cache/near.py): per-process copies kept coherent by Redis client tracking.
+near_invalidations = Counter("cache_near_invalidations_total",
+                             "Keys Redis reported changed to this process's near cache")
+near_entries = Gauge("cache_near_entries", "Copies held by the near cache",
+                     multiprocess_mode="livesum")
+near_bytes = Gauge("cache_near_bytes", "Estimated memory of the near cache's copies",
+                   multiprocess_mode="livesum")

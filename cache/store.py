@@ -24,17 +24,22 @@ from redis.cluster import ClusterPipeline
 
 from cache import codec, metrics, tenants
 from cache.breaker import CircuitBreaker
+from cache.near import MISSING, NearCache
 from cache.keys import Key, hash_tag, org_generations
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-MISSING: Any = object()
 
 # X-Cache values
 HIT_L1, HIT_L2, MISS, STALE, BYPASS = "HIT-L1", "HIT-L2", "MISS", "STALE", "BYPASS"
 
 VERSION_TTL = 86_400
+# A sliding TTL (a session's) is extended at most this often; its near copies live as long.
+SLIDE_STEP = 30
+# The longest a near copy lives without being read from Redis again: the safety net for an
+# invalidation Redis could not send (tracking is what keeps copies correct).
+NEAR_MAX_AGE = 60.0
 # How long "event applied" markers stop a second application of the same event's bumps. The
 # second one normally comes within seconds (the web applies after commit, the worker from the
 # outbox); one arriving later (a redelivery after the 300 s visibility timeout, a sweep re-send
@@ -44,8 +49,10 @@ VERSION_TTL = 86_400
 EVENT_MARKER_TTL = 600
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError)
 
-# KEYS: the version keys, then the value. ARGV: token seed, version TTL, sliding TTL (0: none).
-# Returns {tokens, value or false}. The stored value is `<tokens>|<blob>`.
+# KEYS: the version keys, then the value. ARGV: token seed, version TTL, sliding TTL (0: none),
+# slide step. Returns {tokens, value or false}. The stored value is `<tokens>|<blob>`. A sliding
+# value's TTL is extended only once it has run down by the slide step: a write (and the near
+# caches' invalidation it causes) at most once per step, not one per request.
 _LOOKUP = """
 local n = #KEYS - 1
 local parts = {}
@@ -60,7 +67,9 @@ end
 local tokens = table.concat(parts, '.')
 local stored = redis.call('GET', KEYS[n + 1])
 if stored and string.sub(stored, 1, #tokens + 1) == tokens .. '|' then
-  if ARGV[3] ~= '0' then redis.call('EXPIRE', KEYS[n + 1], ARGV[3]) end
+  if ARGV[3] ~= '0' and redis.call('TTL', KEYS[n + 1]) < tonumber(ARGV[3]) - tonumber(ARGV[4]) then
+    redis.call('EXPIRE', KEYS[n + 1], ARGV[3])
+  end
   return {tokens, string.sub(stored, #tokens + 2)}
 end
 return {tokens, false}
@@ -160,6 +169,7 @@ class Lookup:
     key: Key
     tokens: str | None  # the versions seen; None when Redis could not be asked
     value: Any = MISSING
+    layer: str = "redis"  # where the value came from: "l1" (the near cache) or "redis"
 
     @property
     def hit(self) -> bool:
@@ -198,6 +208,13 @@ class BatchedCounters:
             self._zsets[key, member] = self._zsets.get((key, member), 0) + by
             self._ttl[key] = ttl
 
+    def due(self) -> bool:
+        """Something is waiting and the interval has passed (a request served without a round
+        trip then makes one for the counters: at most one per interval per process)."""
+        with self._lock:
+            return bool(self._hashes or self._zsets) and \
+                time.monotonic() - self._last >= self.interval
+
     def queue_flush(self, pipe, force: bool = False) -> int:
         """Queue the pending increments on `pipe` when the interval has passed (or `force`);
         returns how many commands were queued."""
@@ -220,6 +237,12 @@ class BatchedCounters:
         return len(hashes) + len(zsets) + len(ttls)
 
 
+def _near_age(key: Key) -> float:
+    """How long a near copy of `key` may live: a sliding value's until its TTL is due to be
+    extended in Redis again (a copy read for longer would let the session lapse there)."""
+    return float(min(key.ttl, SLIDE_STEP if key.sliding else NEAR_MAX_AGE))
+
+
 def _token() -> str:
     return os.urandom(6).hex()
 
@@ -235,6 +258,7 @@ class RedisCache:
         self.lock_ttl_ms = lock_ttl_ms
         self.max_wait = max_wait
         self.counters = BatchedCounters(counter_interval)
+        self.near: NearCache | None = None  # attached by build_services for the API's processes
         self._lookup = client.register_script(_LOOKUP)
         self._store = client.register_script(_STORE)
         self._acquire = client.register_script(_ACQUIRE)
@@ -301,6 +325,11 @@ class RedisCache:
         with `side` reads of other shapes (a statistics hash) in the same round trip."""
         if self._owed_purges and not self._settle_owed_purges():
             return [Lookup(key, None) for key in keys]
+        ticket = self.near.begin() if self.near else None
+        if ticket is not None:
+            near = self._lookup_near(keys, side, ticket)
+            if near is not None:
+                return near
 
         def run() -> list:
             # EVALSHA in a plain pipeline: one round trip (on a cluster, one per shard touched,
@@ -311,7 +340,8 @@ class RedisCache:
                 pipe = self.client.pipeline(transaction=False)
                 for key in keys:
                     queue_evalsha(pipe, self._lookup.sha, [*key.versions, key.name],
-                                  [_token(), VERSION_TTL, key.ttl if key.sliding else 0])
+                                  [_token(), VERSION_TTL, key.ttl if key.sliding else 0,
+                                   SLIDE_STEP])
                 counts = [read.queue(pipe) for read in side]
                 if attempt == 1:
                     self.counters.queue_flush(pipe)
@@ -340,16 +370,45 @@ class RedisCache:
             lookup = Lookup(key, tokens.decode() if isinstance(tokens, bytes) else tokens)
             if raw is not None:
                 lookup.value = codec.decode(raw)
-                metrics.hits.labels("redis", key.family).inc()
-            else:
-                metrics.misses.labels("redis", key.family).inc()
-            org_id = tenants.org_of(key.name)
-            if org_id:
-                tenants.count_lookup(org_id, raw is not None)
-            # Hit/miss tally of all processes for /health/cache, in hourly buckets.
-            self.counters.hincr(tally, "hits" if raw is not None else "misses", TALLY_TTL)
+                if ticket is not None:
+                    self.near.put(key.name, lookup, (*key.versions, key.name), ticket,
+                                  max_age=_near_age(key))
+            self._count(lookup, tally)
             found.append(lookup)
+        if ticket is not None:
+            for read in side:
+                keep = getattr(read, "keep_near", None)
+                if keep:
+                    keep(self.near, ticket)
         return found
+
+    def _lookup_near(self, keys: Sequence[Key], side: Sequence["SideRead"],
+                     ticket: int) -> list[Lookup] | None:
+        """Every key and side read from this process's near cache, or None (then all of them go
+        to Redis in one round trip, as before)."""
+        kept = [self.near.get(key.name, ticket) for key in keys]
+        if any(lookup is MISSING for lookup in kept):
+            return None
+        if not all(getattr(read, "from_near", None) and read.from_near(self.near, ticket)
+                   for read in side):
+            return None
+        if self.counters.due():
+            self.flush_counters()
+        tally = tally_key()
+        found = [Lookup(lookup.key, lookup.tokens, lookup.value, "l1") for lookup in kept]
+        for lookup in found:
+            self._count(lookup, tally)
+        return found
+
+    def _count(self, lookup: Lookup, tally: str) -> None:
+        hit = lookup.value is not MISSING
+        family = lookup.key.family
+        (metrics.hits if hit else metrics.misses).labels(lookup.layer, family).inc()
+        org_id = tenants.org_of(lookup.key.name)
+        if org_id:
+            tenants.count_lookup(org_id, hit)
+        # Hit/miss tally of all processes for /health/cache, in hourly buckets.
+        self.counters.hincr(tally, "hits" if hit else "misses", TALLY_TTL)
 
     def _load_scripts(self) -> None:
         """SCRIPT LOAD (on a cluster: on every master) of what a pipeline runs by EVALSHA."""
@@ -388,7 +447,7 @@ class RedisCache:
         on one key load once: the others wait (bounded) for the first loader's value."""
         lookup = lookup or self.lookup(key)
         if lookup.hit:
-            return lookup.value, HIT_L2
+            return lookup.value, HIT_L1 if lookup.layer == "l1" else HIT_L2
         if lookup.tokens is None:
             return load(), BYPASS
         lock = self._lock_name(lookup)

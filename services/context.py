@@ -14,6 +14,7 @@ from redis.retry import Retry
 from aggregates import AggregateStore
 from cache.breaker import CircuitBreaker
 from cache.l1 import L1Cache, L1Subscriber
+from cache.near import NearCache
 from cache.store import DisabledCache, RedisCache
 from config import Settings
 from db import Database
@@ -42,6 +43,8 @@ class Services:
     def close(self) -> None:
         if self.l1_subscriber:
             self.l1_subscriber.stop()
+        if self.cache.near:
+            self.cache.near.stop()
         self.db.dispose()
         self.redis.close()
 
@@ -82,4 +85,7 @@ def build_services(settings: Settings, *, subscribe_l1: bool = True) -> Services
         # Subscribing clears the L1 (what was published before is unknown): let that happen
         # before the first request fills it, or the first values are dropped again at once.
         services.l1_subscriber.ready.wait(timeout=1.0)
+        if settings.near_cache_entries > 0:
+            cache.near = NearCache(client, max_entries=settings.near_cache_entries).start()
+            cache.near.ready.wait(timeout=1.0)
     return services

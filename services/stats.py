@@ -8,7 +8,7 @@ import time
 
 from aggregates import PROJECT_STATS, USER_STATS, Aggregate, Snapshot, StatsRead
 from cache import keys, metrics
-from cache.store import BYPASS, HIT_L2, MISS, MISSING, STALE, Unavailable, _token
+from cache.store import BYPASS, HIT_L1, HIT_L2, MISS, MISSING, STALE, Unavailable, _token
 from services.auth import Actor
 from services.context import Services
 from services.directory import get_user
@@ -63,7 +63,7 @@ def _from_snapshot(services: Services, agg: Aggregate, actor: Actor, owner_id: s
     if snap.stale:
         metrics.stale_served.labels(f"{agg.kind}_stats").inc()
         return _respond(snap.stats, snap.computed_at, True), STALE
-    return _respond(snap.stats, snap.computed_at, False), HIT_L2
+    return _respond(snap.stats, snap.computed_at, False), HIT_L1 if snap.layer == "l1" else HIT_L2
 
 
 def read_stats(services: Services, agg: Aggregate, actor: Actor, owner_id: str,
@@ -152,9 +152,10 @@ def _count_read(services: Services, org_id: str, project_id: str):
     (no round trip of its own, and not one write per read to a single key)."""
     counters = services.cache.counters
 
-    def queue(pipe) -> None:
+    def queue(pipe) -> None:  # pipe is None when the read was served from the near cache
         counters.zincr(hot_projects_key(), f"{org_id}:{project_id}", HOT_PROJECTS_TTL)
-        counters.queue_flush(pipe)
+        if pipe is not None:
+            counters.queue_flush(pipe)
     return queue
 
 

@@ -189,3 +189,7 @@ class TcpProxy:
 def percentile(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+# A value served from a cache: this process's near copy (HIT-L1) or Redis (HIT-L2).
+CACHED = ("HIT-L1", "HIT-L2")

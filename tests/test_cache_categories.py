@@ -7,6 +7,7 @@ from __future__ import annotations
 import jwt
 import pytest
 
+from cache_helpers import CACHED
 from aggregates import PROJECT_STATS, USER_STATS
 from cache import keys
 from tests.cache_helpers import (count_sql, current_blob, current_value_name, raw, stored_names,
@@ -72,7 +73,7 @@ def test_a_session_is_cached_for_15_minutes_and_a_cached_session_needs_no_databa
     assert_ttl(r, key, 900)
     with count_sql(services) as sql:
         answer = client.get("/api/orgs/current", headers=admin.headers)
-    assert answer.status_code == 200 and answer.headers["X-Cache"] == "HIT-L2"
+    assert answer.status_code == 200 and answer.headers["X-Cache"] in CACHED
     assert sql.count == 0, sql.statements
 
 
@@ -127,7 +128,7 @@ def test_a_profile_edit_shows_in_the_profile_the_members_list_and_me(client, adm
     url = f"/api/users/{admin.user['id']}"
     miss_then_hit(client, url, admin.headers)
     miss_then_hit(client, "/api/users", admin.headers)
-    assert client.get("/api/me", headers=admin.headers).headers["X-Cache"] == "HIT-L2"
+    assert client.get("/api/me", headers=admin.headers).headers["X-Cache"] in CACHED
     edit = client.patch(url, json={"display_name": "Renamed", "avatar_url": "https://x.test/a.png"},
                         headers=admin.headers)
     assert edit.status_code == 200
@@ -315,7 +316,7 @@ def test_stats_follow_every_write_at_once_without_a_worker(client, admin, projec
     def stats():
         s = client.get(url, headers=admin.headers)
         u = client.get(user_url, headers=admin.headers)
-        assert s.headers["X-Cache"] == u.headers["X-Cache"] == "HIT-L2"  # deltas, not recounts
+        assert {s.headers["X-Cache"], u.headers["X-Cache"]} <= set(CACHED)  # deltas, not recounts
         assert s.json["stale"] is False
         return ((s.json["total_tasks"], s.json["open_tasks"], s.json["completed_tasks"],
                  s.json["total_comments"]),

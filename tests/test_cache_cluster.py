@@ -12,6 +12,7 @@ from collections import Counter
 
 import pytest
 
+from cache_helpers import CACHED
 from cache import keys
 from config import Settings
 from services.context import build_services
@@ -106,7 +107,7 @@ def test_read_your_writes_and_purge_across_instances(instances):
     project = a.post("/api/projects", json={"name": "Before"}, headers=admin.headers).json
     url = f"/api/projects/{project['id']}"
     assert b.get(url, headers=admin.headers).json["name"] == "Before"
-    assert b.get(url, headers=admin.headers).headers["X-Cache"] == "HIT-L2"
+    assert b.get(url, headers=admin.headers).headers["X-Cache"] in CACHED
     assert b.get(f"{url}/tasks", headers=admin.headers).json["items"] == []
 
     assert a.patch(url, json={"name": "After"}, headers=admin.headers).status_code == 200
@@ -118,9 +119,9 @@ def test_read_your_writes_and_purge_across_instances(instances):
     assert stats.json["total_tasks"] == 1 and stats.json["stale"] is False
     a.post(f"{url}/tasks", json={"title": "U"}, headers=admin.headers)
     stats = b.get(f"{url}/stats", headers=admin.headers)  # a delta folded in, not a recount
-    assert stats.headers["X-Cache"] == "HIT-L2" and stats.json["total_tasks"] == 2
+    assert stats.headers["X-Cache"] in CACHED and stats.json["total_tasks"] == 2
 
-    assert b.get(url, headers=admin.headers).headers["X-Cache"] == "HIT-L2"
+    assert b.get(url, headers=admin.headers).headers["X-Cache"] in CACHED
     assert a.delete("/api/admin/cache", headers=admin.headers).status_code == 202
     assert b.get(url, headers=admin.headers).headers["X-Cache"] == "MISS"
     again = b.get(f"{url}/stats", headers=admin.headers)
@@ -235,7 +236,7 @@ def test_killing_a_master_degrades_to_misses_then_its_replica_serves_with_no_sta
     for client in (a, b):
         client.get(url, headers=admin.headers)
         client.get(f"{url}/stats", headers=admin.headers)
-    assert b.get(url, headers=admin.headers).headers["X-Cache"] == "HIT-L2"
+    assert b.get(url, headers=admin.headers).headers["X-Cache"] in CACHED
 
     org_key = keys.project(admin.organization["id"], project["id"]).name
     dead = redis_cluster.kill_master_of(org_key)
@@ -255,7 +256,7 @@ def test_killing_a_master_degrades_to_misses_then_its_replica_serves_with_no_sta
                     statuses[patched.status_code] += 1
                     written = patched.status_code == 200
         assert written and set(statuses) == {200}, statuses
-        assert sources["HIT-L2"] == 0, sources  # the shard is gone: misses, not old values
+        assert sources["HIT-L2"] == sources["HIT-L1"] == 0, sources  # the shard is gone: misses, not old values
 
         promoted = redis_cluster.wait_for_failover(org_key, dead)
         assert promoted is not dead
@@ -270,7 +271,7 @@ def test_killing_a_master_degrades_to_misses_then_its_replica_serves_with_no_sta
             names = {c.get(url, headers=admin.headers).json["name"] for c in (a, b)}
             return names == {"During"}
         wait_until(fresh_everywhere, 20, "both instances to read the write")
-        wait_until(lambda: all(c.get(url, headers=admin.headers).headers["X-Cache"] == "HIT-L2"
+        wait_until(lambda: all(c.get(url, headers=admin.headers).headers["X-Cache"] in CACHED
                                for c in (a, b)), 20, "the cache to serve again")
         for client in (a, b):
             answer = client.get(url, headers=admin.headers)

@@ -9,6 +9,7 @@ import time
 import pytest
 import redis
 
+from cache_helpers import CACHED
 from services.context import build_services
 from tests.cache_helpers import TcpProxy, percentile, raw
 from conftest import redis_mode
@@ -45,7 +46,7 @@ def test_with_redis_killed_the_api_answers_from_the_database_and_recovers(
     tasks_url = f"{url}/tasks"
     for u in (url, tasks_url, f"{url}/stats"):
         client.get(u, headers=admin.headers)
-    assert client.get(url, headers=admin.headers).headers["X-Cache"] == "HIT-L2"
+    assert client.get(url, headers=admin.headers).headers["X-Cache"] in CACHED
 
     redis_server.kill()
     try:
@@ -72,10 +73,10 @@ def test_with_redis_killed_the_api_answers_from_the_database_and_recovers(
         redis_server.restart()
 
     assert wait_until(lambda: client.get(url, headers=admin.headers).headers["X-Cache"]
-                      in ("MISS", "HIT-L2"))
+                      in ("MISS", *CACHED))
     assert services.cache.breaker.state == "closed"
     after = client.get(url, headers=admin.headers)
-    assert (after.json["name"], after.headers["X-Cache"]) == ("During", "HIT-L2")
+    assert after.json["name"] == "During" and after.headers["X-Cache"] in CACHED
     titles = [t["title"] for t in client.get(tasks_url, headers=admin.headers).json["items"]]
     assert titles == ["written while down"]
     stats = client.get(f"{url}/stats", headers=admin.headers).json
@@ -102,7 +103,7 @@ def test_with_redis_paused_the_api_answers_within_a_bound_and_recovers_by_itself
     assert len(latencies) >= 5  # the breaker stopped paying the timeout on every request
     assert percentile(latencies, 0.99) < 1.0
     assert wait_until(lambda: client.get(url, headers=admin.headers).headers["X-Cache"]
-                      == "HIT-L2")
+                      in CACHED)
     assert services.cache.breaker.state == "closed"
 
 
@@ -155,7 +156,7 @@ def test_a_redis_that_answers_with_an_error_does_not_wedge_the_breaker(client, a
         control.config_set("maxmemory", "0")
         control.config_set("maxmemory-policy", "allkeys-lru")
     assert wait_until(lambda: client.get(url, headers=admin.headers).headers["X-Cache"]
-                      in ("MISS", "HIT-L2"), timeout=3), services.cache.breaker.state
+                      in ("MISS", *CACHED), timeout=3), services.cache.breaker.state
     assert services.cache.breaker.state == "closed"
 
 
@@ -171,7 +172,7 @@ def test_an_invalidation_owed_from_an_outage_is_paid_before_anything_is_served(
         list_url = "/api/projects"
         for u in (url, list_url):
             other.get(u, headers=admin.headers)
-            assert other.get(u, headers=admin.headers).headers["X-Cache"] == "HIT-L2"
+            assert other.get(u, headers=admin.headers).headers["X-Cache"] in CACHED
 
         proxy.cut()
         changed = other.patch(url, json={"name": "After"}, headers=admin.headers)
@@ -184,7 +185,7 @@ def test_an_invalidation_owed_from_an_outage_is_paid_before_anything_is_served(
             answer = other.get(u, headers=admin.headers)
             name = answer.json["name"] if u == url else answer.json["items"][0]["name"]
             assert name == "After", (u, answer.headers["X-Cache"])
-        assert other.get(url, headers=admin.headers).headers["X-Cache"] == "HIT-L2"
+        assert other.get(url, headers=admin.headers).headers["X-Cache"] in CACHED
         # The purge was paid in the shared Redis: every instance sees the write now.
         assert client.get(url, headers=admin.headers).json["name"] == "After"
     finally:

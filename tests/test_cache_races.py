@@ -11,6 +11,7 @@ import time
 import pytest
 from prometheus_client import REGISTRY
 
+from cache_helpers import CACHED
 from aggregates import PROJECT_STATS, Delta
 from cache import keys
 from cache.l1 import L1Cache, read_through_l1
@@ -65,7 +66,7 @@ def test_a_reader_that_loaded_before_a_write_cannot_store_its_old_value_after_it
     after = client.get(f"/api/projects/{pid}", headers=admin.headers)
     assert after.json["name"] == "New name"
     again = client.get(f"/api/projects/{pid}", headers=admin.headers)
-    assert (again.json["name"], again.headers["X-Cache"]) == ("New name", "HIT-L2")
+    assert again.json["name"] == "New name" and again.headers["X-Cache"] in CACHED
 
 
 def test_the_stale_set_race_step_by_step(client, admin, project, services):

@@ -1,6 +1,8 @@
 """The shortest path through the API: sign up, create, read through the cache."""
 
 import pytest
+
+from cache_helpers import CACHED
 from conftest import topology_mode
 
 
@@ -14,7 +16,7 @@ def test_a_created_project_is_read_back_through_the_cache(client, admin):
 
     assert first.json == second.json == created.json
     assert first.headers["X-Cache"] == "MISS"
-    assert second.headers["X-Cache"] == "HIT-L2"
+    assert second.headers["X-Cache"] in CACHED
 
 
 @pytest.mark.skipif(topology_mode() == "cluster", reason="names the in-process instance; "

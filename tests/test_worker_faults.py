@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from cache_helpers import CACHED
 from aggregates import PROJECT_STATS
 from stack.redis_server import RedisServer
 from worker_fixtures import exact, new_project, read_stats, start_worker, unprocessed, wait_until
@@ -140,14 +141,14 @@ def test_beat_warm_up_fills_what_it_promises_and_the_audit_corrects_drift(client
                0.1, "a beat warm-up after the purge")
     for url in ["/api/orgs/current", "/api/users", "/api/projects",
                 "/api/projects?status=ACTIVE"]:
-        assert client.get(url, headers=admin.headers).headers["X-Cache"] == "HIT-L2", url
+        assert client.get(url, headers=admin.headers).headers["X-Cache"] in CACHED, url
     for project_id in active:
         assert client.get(f"/api/projects/{project_id}",
-                          headers=admin.headers).headers["X-Cache"] == "HIT-L2"
+                          headers=admin.headers).headers["X-Cache"] in CACHED
     assert client.get(f"/api/projects/{archived}", headers=admin.headers).headers[
         "X-Cache"] == "MISS"
     answer = read_stats(client, admin, hot)
-    assert answer.headers["X-Cache"] == "HIT-L2" and answer.json["total_tasks"] == 1
+    assert answer.headers["X-Cache"] in CACHED and answer.json["total_tasks"] == 1
     assert read_stats(client, admin, cold).headers["X-Cache"] == "MISS"  # never read: not hot
 
     # Drift: the cached counts disagree with the database at the same sequence number.

@@ -20,6 +20,7 @@ import urllib.request
 import pytest
 from sqlalchemy import func, select
 
+from cache_helpers import CACHED
 from aggregates import PROJECT_STATS, USER_STATS
 from cache import metrics as cache_metrics
 from events import PROJECT_UPDATED
@@ -60,7 +61,7 @@ def test_stats_follow_writes_within_the_stated_bound(client, admin, services, wo
                what="the worker's recount of cold stats")
     cold_latency = time.monotonic() - started
     first = read_stats(client, admin, project_id)
-    assert first.headers["X-Cache"] == "HIT-L2"
+    assert first.headers["X-Cache"] in CACHED
     assert first.json["total_tasks"] == 1 and first.json["open_tasks"] == 1
 
     task_id = created.json["id"]
@@ -90,7 +91,7 @@ def test_stats_follow_writes_within_the_stated_bound(client, admin, services, wo
             return body if all(flat[k] == v for k, v in expected.items()) else None
         body = wait_until(fresh, BOUND, what=f"stats to reflect the {name}")
         assert time.monotonic() - written < BOUND
-        assert body.headers["X-Cache"] == "HIT-L2", name
+        assert body.headers["X-Cache"] in CACHED, name
         assert body.json["stale"] is False
 
     # Every event reached the worker, the stats are exact, and no request computed them.
@@ -149,7 +150,7 @@ def test_a_burst_of_writes_ends_exact_with_a_handful_of_recomputes(admin, client
         tasks_in_db = db.scalar(select(func.count()).select_from(Task).where(
             Task.project_id == project_id))
     api = read_stats(client, admin, project_id)
-    assert api.json["total_tasks"] == tasks_in_db and api.headers["X-Cache"] == "HIT-L2"
+    assert api.json["total_tasks"] == tasks_in_db and api.headers["X-Cache"] in CACHED
 
     wait_until(lambda: services.redis.exists(f"pending:recount:project:{project_id}") == 0, 5,
                what="no recount pending")
@@ -204,13 +205,13 @@ def _promised_keys_are_cached(client, account, active: list[str], archived: list
     for url in ["/api/orgs/current", "/api/users", "/api/projects",
                 "/api/projects?status=ACTIVE"]:
         answer = client.get(url, headers=account.headers)
-        assert answer.headers["X-Cache"] == "HIT-L2", url
+        assert answer.headers["X-Cache"] in CACHED, url
     for project_id in active:
         answer = client.get(f"/api/projects/{project_id}", headers=account.headers)
-        assert answer.headers["X-Cache"] == "HIT-L2", project_id
+        assert answer.headers["X-Cache"] in CACHED, project_id
         if expected:
             assert answer.json == expected[project_id]
-        assert read_stats(client, account, project_id).headers["X-Cache"] == "HIT-L2"
+        assert read_stats(client, account, project_id).headers["X-Cache"] in CACHED
     for project_id in archived:  # not promised: not warmed
         answer = client.get(f"/api/projects/{project_id}", headers=account.headers)
         assert answer.headers["X-Cache"] == "MISS"

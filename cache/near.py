@@ -1,0 +1,338 @@
+"""The near cache: each API process's copies of the values it reads most (sessions, projects,
+tasks, list pages, statistics), served with no Redis round trip and kept coherent by Redis itself.
+
+Redis tells the process when a key changes: one RESP3 connection per Redis master with
+`CLIENT TRACKING ON BCAST` on the prefixes of values (`t:`, `g:`) and of version keys (`v:`). Every
+write, bump, expiry or eviction of such a key reaches every process as an invalidation message, and
+a copy is kept under the names of every key it was read from (its value and its version keys).
+
+Three rules keep it correct:
+- Before a request trusts a copy it drains what has arrived on the tracking connections (`begin`).
+  Redis writes an invalidation to the tracking connections before (BCAST: in the same event-loop
+  pass as) the reply to the write that caused it, so on one host the message is in this process's
+  socket buffer before the writer's answer can reach a client: read-your-writes holds across
+  processes and instances, and a logout ends a token everywhere at once.
+- A copy read before an invalidation of one of its keys is never kept (`put` checks the keys
+  invalidated since the read began: the stale-set race of ARCHITECTURE.md, here per process).
+- Copies are trusted only while every tracking connection answered a heartbeat within
+  `trust_window` seconds (shorter than the request timeout a writer waits for Redis before it gives
+  up and owes an invalidation): a paused or unreachable Redis turns the near cache off instead of
+  letting it serve what a write may have changed. A lost connection clears every copy.
+
+Bounded per process by entries and by bytes (least recently used first); `stats()` reports both.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import sys
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import redis
+from redis._parsers import _RESP3Parser
+
+from cache import metrics
+
+log = logging.getLogger(__name__)
+
+PREFIXES = ("t:", "v:", "g:")
+MISSING: Any = object()
+# What a copy costs beyond its value and key names (its entry, index set slots, LRU links),
+# checked against tracemalloc in tests/test_cache_near.py.
+ENTRY_OVERHEAD = 600
+
+
+@dataclass(slots=True)
+class _Copy:
+    value: Any
+    keys: tuple[str, ...]
+    expires: float
+    size: int
+
+
+class _Tracker:
+    """One tracking connection (to one Redis master) and its heartbeat."""
+
+    def __init__(self, kwargs: dict) -> None:
+        self.address = f"{kwargs.get('host')}:{kwargs.get('port')}"
+        self.conn = redis.Connection(protocol=3, parser_class=_RESP3Parser, socket_timeout=1.0,
+                                     **kwargs)
+        self.last_pong = 0.0
+        self.pings_waiting = 0
+
+    def open(self, on_invalidate) -> None:
+        self.conn.connect()
+        self.conn._parser.invalidation_push_handler_func = on_invalidate
+        prefixes = [arg for prefix in PREFIXES for arg in ("PREFIX", prefix)]
+        self.conn.send_command("CLIENT", "TRACKING", "ON", "BCAST", *prefixes)
+        reply = self.conn.read_response()
+        if reply not in (b"OK", "OK"):
+            raise redis.ConnectionError(f"CLIENT TRACKING refused: {reply!r}")
+        self.last_pong = time.monotonic()
+
+    def ping(self) -> None:
+        self.conn.send_command("PING")
+        self.pings_waiting += 1
+
+    def drain(self) -> None:
+        """Read everything that has arrived, without waiting (invalidations go to the handler)."""
+        if self.conn._sock is None:  # redis-py would reconnect it silently, without tracking
+            raise redis.ConnectionError("tracking connection closed")
+        while self.conn.can_read(timeout=0):
+            reply = self.conn.read_response(push_request=True)
+            if reply is _HANDLED:
+                continue
+            if isinstance(reply, Exception):
+                raise redis.ConnectionError(f"tracking connection: {reply}")
+            if reply in (b"PONG", "PONG") and self.pings_waiting:
+                self.pings_waiting -= 1
+                self.last_pong = time.monotonic()
+
+    def fileno(self) -> int:
+        if self.conn._sock is None:
+            raise redis.ConnectionError("tracking connection closed")
+        return self.conn._sock.fileno()
+
+    def close(self) -> None:
+        try:
+            self.conn.disconnect()
+        except Exception:  # noqa: BLE001 - closing a connection that may be broken already
+            pass
+
+
+_HANDLED = object()  # what the invalidation handler returns to the reader
+
+
+def deep_size(value: Any) -> int:
+    """Bytes of a decoded value (dicts, lists, strings, numbers; objects by their slots), counted
+    once per copy when it is kept: what the byte budget bounds."""
+    size = sys.getsizeof(value)
+    if isinstance(value, dict):
+        return size + sum(deep_size(k) + deep_size(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return size + sum(deep_size(v) for v in value)
+    slots = getattr(type(value), "__slots__", None)
+    if slots and not isinstance(value, (str, bytes)):
+        return size + sum(deep_size(getattr(value, slot, None)) for slot in slots)
+    return size
+
+
+def tracking_nodes(client, refresh: bool = True) -> list[dict]:
+    """Connection arguments of every master of the cache's Redis (one on a single Redis);
+    `refresh`: ask the cluster for its slot map first, instead of the client's current view."""
+    from redis.cluster import RedisCluster
+
+    keep = ("host", "port", "db", "username", "password", "socket_connect_timeout")
+    if isinstance(client, RedisCluster):
+        if refresh:
+            client.nodes_manager.initialize()
+        nodes = [node.redis_connection.connection_pool.connection_kwargs
+                 for node in client.get_primaries()]
+    else:
+        nodes = [client.connection_pool.connection_kwargs]
+    return [{k: v for k, v in node.items() if k in keep and v is not None} for node in nodes]
+
+
+class NearCache:
+    def __init__(self, client, *, max_entries: int = 20_000, max_bytes: int = 32 << 20,
+                 heartbeat: float = 0.05, trust_window: float = 0.15, retry: float = 0.5,
+                 recent: int = 65_536) -> None:
+        self._client = client
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.heartbeat = heartbeat
+        self.trust_window = trust_window
+        self._retry = retry
+        self._recent_cap = recent
+        self._lock = threading.RLock()
+        self._copies: OrderedDict[str, _Copy] = OrderedDict()
+        self._holders: dict[str, set[str]] = {}  # a Redis key -> the copies read from it
+        self._bytes = 0
+        self._seq = 0  # invalidations received
+        self._recent: OrderedDict[str, int] = OrderedDict()  # key -> seq of its last invalidation
+        self._floor = 0  # reads that began before this seq may have missed an invalidation
+        self._trackers: list[_Tracker] = []
+        self._connected = False
+        self._stop = threading.Event()
+        self.ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="near-cache-tracking", daemon=True)
+
+    # -- the request's side -------------------------------------------------------------------
+    def begin(self) -> int | None:
+        """Apply what Redis has sent, then return a ticket for this read (None: do not trust or
+        keep copies now)."""
+        with self._lock:
+            if not self._trusted():
+                return None
+            try:
+                for tracker in self._trackers:
+                    tracker.drain()
+            except (redis.RedisError, OSError) as exc:
+                self._lose(f"tracking connection failed: {exc}")
+                return None
+            return self._seq if self._trusted() else None
+
+    def get(self, name: str, ticket: int | None) -> Any:
+        if ticket is None:
+            return MISSING
+        with self._lock:
+            copy = self._copies.get(name)
+            if copy is None:
+                return MISSING
+            if copy.expires <= time.monotonic():
+                self._drop(name)
+                return MISSING
+            self._copies.move_to_end(name)
+            return copy.value
+
+    def put(self, name: str, value: Any, keys: Iterable[str], ticket: int | None, *,
+            max_age: float) -> bool:
+        """Keep `value` (read from Redis keys `keys` after `begin()` gave `ticket`), unless one of
+        those keys was invalidated since: the read may have seen the old value."""
+        if ticket is None:
+            return False
+        keys = tuple(keys)
+        size = deep_size(value) + sum(sys.getsizeof(key) for key in (name, *keys))
+        with self._lock:
+            if not self._connected or ticket < self._floor:
+                return False
+            if any(self._recent.get(key, -1) > ticket for key in keys):
+                return False
+            self._drop(name)
+            copy = _Copy(value, keys, time.monotonic() + max_age, size + ENTRY_OVERHEAD)
+            self._copies[name] = copy
+            self._bytes += copy.size
+            for key in keys:
+                self._holders.setdefault(key, set()).add(name)
+            while self._copies and (len(self._copies) > self.max_entries
+                                    or self._bytes > self.max_bytes):
+                self._drop(next(iter(self._copies)))
+            return True
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"entries": len(self._copies), "bytes": self._bytes,
+                    "connected": self._connected, "trusted": self._trusted(),
+                    "invalidations": self._seq}
+
+    def clear(self) -> None:
+        with self._lock:
+            self._reset()
+
+    # -- invalidation ---------------------------------------------------------------------------
+    def _on_invalidate(self, message) -> object:
+        keys = message[1] if len(message) > 1 else None
+        if keys is None:  # FLUSHALL / FLUSHDB
+            self._reset()
+            return _HANDLED
+        for key in keys:
+            key = key.decode() if isinstance(key, bytes) else key
+            self._seq += 1
+            self._recent[key] = self._seq
+            self._recent.move_to_end(key)
+            for name in self._holders.pop(key, ()):
+                self._drop(name)
+        while len(self._recent) > self._recent_cap:
+            _, seq = self._recent.popitem(last=False)
+            self._floor = max(self._floor, seq)
+        metrics.near_invalidations.inc(len(keys))
+        return _HANDLED
+
+    def _drop(self, name: str) -> None:
+        copy = self._copies.pop(name, None)
+        if copy is None:
+            return
+        self._bytes -= copy.size
+        for key in copy.keys:
+            holders = self._holders.get(key)
+            if holders is not None:
+                holders.discard(name)
+                if not holders:
+                    del self._holders[key]
+
+    def _reset(self) -> None:
+        """Forget every copy, and every read in flight (it may have missed a message)."""
+        self._copies.clear()
+        self._holders.clear()
+        self._recent.clear()
+        self._bytes = 0
+        self._seq += 1
+        self._floor = self._seq
+
+    def _trusted(self) -> bool:
+        if not self._connected:
+            return False
+        oldest = min((t.last_pong for t in self._trackers), default=0.0)
+        return time.monotonic() - oldest < self.trust_window
+
+    def _lose(self, reason: str) -> None:
+        if self._connected and reason != "stopped":
+            log.warning("near cache off until tracking is back: %s", reason)
+        self._connected = False
+        self._reset()
+
+    # -- the tracking thread ------------------------------------------------------------------
+    def start(self) -> "NearCache":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._track()
+            except (redis.RedisError, OSError, ValueError) as exc:
+                log.debug("near cache tracking lost: %s", exc)
+            except Exception:  # noqa: BLE001 - the thread must outlive any surprise
+                log.exception("near cache tracking failed")
+            with self._lock:
+                self._lose("stopped" if self._stop.is_set() else "tracking connection lost")
+                for tracker in self._trackers:
+                    tracker.close()
+                self._trackers = []
+            self.ready.clear()
+            self._stop.wait(self._retry)
+
+    def _track(self) -> None:
+        nodes = tracking_nodes(self._client)
+        trackers = [_Tracker(node) for node in nodes]
+        with self._lock:
+            self._trackers = trackers
+            for tracker in trackers:
+                tracker.open(self._on_invalidate)
+            self._reset()
+            self._connected = True
+        self.ready.set()
+        topology_checked = time.monotonic()
+        while not self._stop.is_set():
+            with self._lock:
+                if not self._connected:
+                    raise redis.ConnectionError("a request found the tracking connection broken")
+                for tracker in trackers:
+                    tracker.ping()
+            deadline = time.monotonic() + self.heartbeat
+            while (left := deadline - time.monotonic()) > 0 and not self._stop.is_set():
+                readable, _, _ = select.select([t.fileno() for t in trackers], [], [], left)
+                if readable:
+                    with self._lock:
+                        for tracker in trackers:
+                            tracker.drain()
+            if time.monotonic() - topology_checked > 1.0:
+                topology_checked = time.monotonic()
+                self._report()
+                if len(trackers) > 1 and tracking_nodes(self._client, refresh=False) != nodes:
+                    raise redis.ConnectionError("the cluster's masters changed")  # a failover
+
+    def _report(self) -> None:
+        with self._lock:
+            entries, size = len(self._copies), self._bytes
+        metrics.near_entries.set(entries)
+        metrics.near_bytes.set(size)

@@ -1,0 +1,206 @@
+"""The near cache (cache/near.py): hot reads served by the process itself, kept coherent by Redis.
+
+Two API instances here are two apps with their own services (own connections, own near cache)
+on the same Redis and database, as two servers behind a balancer are."""
+
+from __future__ import annotations
+
+import time
+import tracemalloc
+import uuid
+
+import pytest
+import redis
+
+from cache import codec, keys
+from cache.near import NearCache
+from cache.store import MISSING, Lookup
+from services.context import build_services
+from tests.cache_helpers import raw
+from web import create_app
+
+pytestmark = pytest.mark.usefixtures("services")
+
+
+@pytest.fixture
+def project(client, admin):
+    return client.post("/api/projects", json={"name": "Launch"}, headers=admin.headers).json
+
+
+@pytest.fixture
+def other(settings):
+    """A second API instance."""
+    built = build_services(settings)
+    yield create_app(settings, built).test_client()
+    built.close()
+
+
+def warm(client, url, headers) -> None:
+    """Read until this instance serves `url` itself."""
+    for _ in range(20):
+        if client.get(url, headers=headers).headers["X-Cache"] == "HIT-L1":
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{url} never came from the near cache")
+
+
+def wait_until(predicate, timeout=5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_write_through_one_instance_is_read_at_once_through_another(client, other, admin,
+                                                                      project):
+    url = f"/api/projects/{project['id']}"
+    for n in range(30):
+        warm(other, url, admin.headers)
+        name = f"Name {n}"
+        assert client.patch(url, json={"name": name}, headers=admin.headers).status_code == 200
+        # no wait: the invalidation reached `other` before the write's answer reached us
+        assert other.get(url, headers=admin.headers).json["name"] == name
+
+
+def test_new_tasks_and_stats_are_read_at_once_through_another_instance(client, other, admin,
+                                                                       project):
+    url = f"/api/projects/{project['id']}"
+    for n in range(1, 11):
+        warm(other, f"{url}/tasks", admin.headers)
+        warm(other, f"{url}/stats", admin.headers)
+        created = client.post(f"{url}/tasks", json={"title": f"T{n}"}, headers=admin.headers)
+        assert created.status_code == 201
+        titles = [t["title"] for t in other.get(f"{url}/tasks", headers=admin.headers)
+                  .json["items"]]
+        assert f"T{n}" in titles and len(titles) == n
+        assert other.get(f"{url}/stats", headers=admin.headers).json["total_tasks"] == n
+
+
+def test_a_logout_through_one_instance_ends_the_token_in_another_at_once(client, other, admin):
+    warm(other, "/api/me", admin.headers)
+    assert client.post("/api/auth/logout", headers=admin.headers).status_code == 204
+    assert other.get("/api/me", headers=admin.headers).status_code == 401
+
+
+def test_a_copy_read_before_an_invalidation_is_never_served(services):
+    """The stale-set race, per process: a value read from Redis, then changed there before the
+    copy is kept, must not be served from the copy."""
+    near, r = services.cache.near, raw(services)
+    key = keys.project("org", str(uuid.uuid4()))
+    r.set(key.versions[-1], "v1")
+    ticket = near.begin()
+    assert ticket is not None
+    r.set(key.versions[-1], "v2")  # a write between the read and keeping its copy,
+    assert near.begin() is not None  # whose invalidation another request applies meanwhile
+    near.put(key.name, "old value", (*key.versions, key.name), ticket, max_age=60)
+    assert near.get(key.name, near.begin()) is MISSING
+
+    ticket = near.begin()
+    near.put(key.name, "current value", (*key.versions, key.name), ticket, max_age=60)
+    assert near.get(key.name, near.begin()) == "current value"
+
+
+def test_a_lost_tracking_connection_clears_every_copy(client, admin, project, services):
+    url = f"/api/projects/{project['id']}"
+    warm(client, url, admin.headers)
+    assert services.cache.near.stats()["entries"] > 0
+    control = raw(services)
+    tracking = [c for c in control.client_list() if "t" in c["flags"]]
+    assert tracking, "no tracking connection"
+    for connection in tracking:
+        control.client_kill_filter(_id=connection["id"])
+    assert wait_until(lambda: services.cache.near.stats()["entries"] == 0
+                      or not services.cache.near.stats()["connected"])
+    answer = client.get(url, headers=admin.headers)
+    assert answer.headers["X-Cache"] != "HIT-L1" and answer.json["name"] == "Launch"
+    warm(client, url, admin.headers)  # tracking is back
+
+
+def test_a_paused_redis_turns_the_near_cache_off(client, admin, project, services):
+    """A write whose invalidation cannot reach a paused Redis must not leave other processes
+    serving their copies: they stop trusting them once the heartbeat goes unanswered."""
+    url = f"/api/projects/{project['id']}"
+    warm(client, url, admin.headers)
+    near = services.cache.near
+    control = raw(services)
+    control.execute_command("CLIENT", "PAUSE", 1500, "ALL")
+    try:
+        time.sleep(near.trust_window * 2)
+        assert near.begin() is None
+        answer = client.get(url, headers=admin.headers)
+        assert answer.status_code == 200 and answer.headers["X-Cache"] != "HIT-L1"
+    finally:
+        control.execute_command("CLIENT", "UNPAUSE")
+    warm(client, url, admin.headers)
+
+
+def test_a_flush_clears_every_copy(client, admin, project, services):
+    warm(client, f"/api/projects/{project['id']}", admin.headers)
+    raw(services).flushall()
+    assert wait_until(lambda: services.cache.near.begin() is not None
+                      and services.cache.near.stats()["entries"] == 0)
+
+
+def test_a_session_is_extended_at_most_once_per_slide_step(client, admin, services):
+    """A session's sliding TTL without a Redis write per request."""
+    from cache.store import SLIDE_STEP
+
+    client.get("/api/me", headers=admin.headers)
+    r = raw(services)
+    session = next(k.decode() for k in r.scan_iter("t:*:session:*"))
+    services.cache.near.clear()
+    r.expire(session, keys.SESSION_TTL - SLIDE_STEP + 5)  # used a moment ago: not yet due
+    client.get("/api/me", headers=admin.headers)
+    assert r.ttl(session) <= keys.SESSION_TTL - SLIDE_STEP + 5
+    services.cache.near.clear()
+    r.expire(session, keys.SESSION_TTL - SLIDE_STEP - 5)  # due
+    client.get("/api/me", headers=admin.headers)
+    assert r.ttl(session) > keys.SESSION_TTL - SLIDE_STEP
+
+
+def test_memory_is_bounded_by_entries_and_bytes_and_the_estimate_is_an_upper_bound():
+    task = {"id": str(uuid.uuid4()), "title": "Write the quarterly report", "status": "TODO",
+            "description": "x" * 120, "assignee_id": str(uuid.uuid4()), "version": 3}
+    blob = codec.encode({"items": [dict(task) for _ in range(20)], "next_cursor": None})
+
+    def fill(near: NearCache, n: int) -> None:
+        for _ in range(n):
+            key = keys.task("org", str(uuid.uuid4()))
+            near.put(key.name, Lookup(key, "a1.b2", codec.decode(blob)),
+                     (*key.versions, key.name), 0, max_age=60)
+
+    counted = NearCache(None, max_entries=10**6, max_bytes=1 << 40)
+    counted._connected = True
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    fill(counted, 500)
+    used = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(before, "filename"))
+    tracemalloc.stop()
+    print(f"\nnear cache: {used / 500:,.0f} B per 20-task page, {counted.stats()['bytes'] / 500:,.0f}"
+          " B counted")
+    assert counted.stats()["bytes"] >= used  # the budget bounds the real memory
+
+    by_entries = NearCache(None, max_entries=100)
+    by_entries._connected = True
+    fill(by_entries, 300)
+    assert by_entries.stats()["entries"] == 100
+
+    by_bytes = NearCache(None, max_bytes=1 << 20)
+    by_bytes._connected = True
+    fill(by_bytes, 300)
+    assert 0 < by_bytes.stats()["bytes"] <= 1 << 20 and by_bytes.stats()["entries"] < 300
+
+
+def test_no_copies_are_kept_when_tracking_is_unavailable(settings):
+    """A Redis that cannot track (here: none at all) leaves the near cache off, never wrong."""
+    dead = settings.with_overrides(redis_url="redis://127.0.0.1:1/0", redis_cluster_url=None)
+    built = build_services(dead)
+    try:
+        assert built.cache.near.begin() is None
+        assert built.cache.near.stats()["connected"] is False
+    finally:
+        built.close()
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(dead.redis_url, socket_connect_timeout=0.5).ping()
