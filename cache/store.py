@@ -160,6 +160,7 @@ class Lookup:
     key: Key
     tokens: str | None  # the versions seen; None when Redis could not be asked
     value: Any = MISSING
+    stored: bool = False  # a value was stored under `tokens` (they were still current)
 
     @property
     def hit(self) -> bool:
@@ -296,9 +297,12 @@ class RedisCache:
     def lookup(self, key: Key) -> Lookup:
         return self.lookup_many([key])[0]
 
-    def lookup_many(self, keys: Sequence[Key], side: Sequence["SideRead"] = ()) -> list[Lookup]:
+    def lookup_many(self, keys: Sequence[Key], side: Sequence["SideRead"] = (),
+                    counted: bool = True) -> list[Lookup]:
         """Look up several keys in one round trip (e.g. the session and the entity of a request),
-        with `side` reads of other shapes (a statistics hash) in the same round trip."""
+        with `side` reads of other shapes (a statistics hash) in the same round trip. `counted`
+        False: not a reader's lookup (a warm-up after a write), left out of the hit and miss
+        metrics, the tenants' counts and the hourly tally."""
         if self._owed_purges and not self._settle_owed_purges():
             return [Lookup(key, None) for key in keys]
 
@@ -340,6 +344,10 @@ class RedisCache:
             lookup = Lookup(key, tokens.decode() if isinstance(tokens, bytes) else tokens)
             if raw is not None:
                 lookup.value = codec.decode(raw)
+            found.append(lookup)
+            if not counted:
+                continue
+            if raw is not None:
                 metrics.hits.labels("redis", key.family).inc()
             else:
                 metrics.misses.labels("redis", key.family).inc()
@@ -348,7 +356,6 @@ class RedisCache:
                 tenants.count_lookup(org_id, raw is not None)
             # Hit/miss tally of all processes for /health/cache, in hourly buckets.
             self.counters.hincr(tally, "hits" if raw is not None else "misses", TALLY_TTL)
-            found.append(lookup)
         return found
 
     def _load_scripts(self) -> None:
@@ -366,16 +373,18 @@ class RedisCache:
         except Unavailable:
             pass
 
-    def store(self, lookup: Lookup, value: Any) -> None:
+    def store(self, lookup: Lookup, value: Any) -> bool:
+        """Store `value` if the tokens `lookup` saw are still current; True if it was stored."""
         if lookup.tokens is None:
-            return
+            return False
         blob = codec.encode(value)
         key = lookup.key
         try:
-            self.call("set", lambda: self._store(keys=[*key.versions, key.name],
-                                                 args=[lookup.tokens, blob, key.ttl]))
+            lookup.stored = bool(self.call("set", lambda: self._store(
+                keys=[*key.versions, key.name], args=[lookup.tokens, blob, key.ttl])))
         except Unavailable:
             pass
+        return lookup.stored
 
     @staticmethod
     def _lock_name(lookup: Lookup) -> str:
@@ -510,7 +519,8 @@ class DisabledCache(RedisCache):
     def __init__(self, client: redis.Redis, breaker: CircuitBreaker, **options) -> None:
         super().__init__(client, breaker, **options)
 
-    def lookup_many(self, keys: Sequence[Key], side: Sequence[SideRead] = ()) -> list[Lookup]:
+    def lookup_many(self, keys: Sequence[Key], side: Sequence[SideRead] = (),
+                    counted: bool = True) -> list[Lookup]:
         return [Lookup(key, None) for key in keys]
 
     def invalidate(self, versions, *, org_ids, family, source="web", event_id=None) -> bool:
