@@ -64,6 +64,10 @@ class Settings:
     # Seconds a process keeps the counters every request touches (hit tally, busiest projects)
     # before writing them to Redis in one batch (0: on every request).
     counter_flush_interval: float = 1.0
+    # After a task write, store the new value of the task and of its project's first task-list
+    # page (read back from the database after the bump) instead of leaving them to the next
+    # reader's miss. CACHE_WARM_AFTER_WRITE=0 turns it off.
+    warm_after_write: bool = True
 
     def with_overrides(self, **changes) -> "Settings":
         return replace(self, **changes)
@@ -91,6 +95,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         trusted_proxies=tuple(p.strip() for p in (env.get("TRUSTED_PROXIES") or "").split(",")
                               if p.strip()),
         counter_flush_interval=float(env.get("COUNTER_FLUSH_INTERVAL") or 1.0),
+        warm_after_write=_flag(env.get("CACHE_WARM_AFTER_WRITE"), True),
     )
 
 
