@@ -10,10 +10,21 @@ from prometheus_client import REGISTRY
 import services.tasks as task_service
 from api_support import make_project, make_task
 from cache import codec, keys
-from conftest import redis_mode
+from conftest import redis_mode, topology_mode
 from services.auth import Actor
 from services.tasks import update_task, warm_after_write
 from tests.cache_helpers import count_sql, current_blob, raw
+
+
+# These reach into this process (its settings, loaders, metrics or Redis server): not through
+# nginx to `make up-cluster` (TEST_TOPOLOGY=cluster).
+in_process = pytest.mark.skipif(topology_mode() == "cluster", reason="reaches into this process")
+
+
+def single_redis(test):
+    """Kills and restarts the session's redis-server (marked slow, as the outage tests are)."""
+    return pytest.mark.slow(pytest.mark.skipif(
+        redis_mode() == "cluster", reason="takes the single redis-server down")(test))
 
 
 @pytest.fixture
@@ -36,7 +47,7 @@ def warmed(entity_type: str, outcome: str) -> float:
                                      {"entity_type": entity_type, "outcome": outcome}) or 0.0
 
 
-def _load(services, task_id: str) -> dict | None:
+def in_database(services, task_id: str) -> dict | None:
     from models import Task
     from services import present
 
@@ -48,7 +59,6 @@ def _load(services, task_id: str) -> dict | None:
 def test_after_a_patch_the_next_get_of_the_task_is_a_redis_hit_with_the_new_value(
         client, admin, task):
     url = f"/api/tasks/{task['id']}"
-    before = warmed("task", "stored")
     patched = client.patch(url, json={"title": "After", "status": "IN_PROGRESS"},
                            headers=admin.headers)
     assert patched.status_code == 200
@@ -56,7 +66,6 @@ def test_after_a_patch_the_next_get_of_the_task_is_a_redis_hit_with_the_new_valu
     assert answer.headers["X-Cache"] == "HIT-L2"
     assert answer.json == patched.json
     assert (answer.json["title"], answer.json["status"]) == ("After", "IN_PROGRESS")
-    assert warmed("task", "stored") == before + 1
 
 
 def test_after_creating_a_task_the_first_page_of_the_project_list_is_a_hit_and_holds_it(
@@ -87,6 +96,7 @@ def test_after_deleting_a_task_the_first_page_of_the_project_list_is_a_hit_witho
     assert client.get(f"/api/tasks/{gone['id']}", headers=admin.headers).status_code == 404
 
 
+@in_process
 def test_with_the_setting_off_the_next_reader_misses_as_before(client, admin, task, services,
                                                               monkeypatch):
     monkeypatch.setattr(services, "settings",
@@ -97,6 +107,7 @@ def test_with_the_setting_off_the_next_reader_misses_as_before(client, admin, ta
     assert (answer.headers["X-Cache"], answer.json["title"]) == ("MISS", "After")
 
 
+@in_process
 @pytest.mark.parametrize("second_writer_warms", [True, False], ids=["B warms", "B does not"])
 def test_a_warm_up_that_loaded_before_a_concurrent_write_never_leaves_its_older_value(
         client, admin, task, services, monkeypatch, second_writer_warms):
@@ -130,7 +141,7 @@ def test_a_warm_up_that_loaded_before_a_concurrent_write_never_leaves_its_older_
     assert a["title"] == "A" and b["loaded_by_a"]["title"] == "A"  # it raced as intended
     assert b["answer"]["title"] == "B"
 
-    truth = _load(services, tid)
+    truth = in_database(services, tid)
     assert (truth["title"], truth["priority"]) == ("B", "LOW")
     blob = current_blob(raw(services), keys.task(admin.organization["id"], tid))
     assert blob is None or codec.decode(blob) == truth  # nothing older under current tokens
@@ -141,10 +152,10 @@ def test_a_warm_up_that_loaded_before_a_concurrent_write_never_leaves_its_older_
     assert warmed("task", "superseded") == superseded + 1  # A's store was refused
 
 
+@in_process
+@single_redis
 def test_the_warm_up_does_nothing_while_redis_is_unreachable(admin, task, services,
                                                              redis_server):
-    if redis_mode() == "cluster":
-        pytest.skip("takes the single redis-server down")
     redis_server.kill()
     try:
         with count_sql(services) as sql:
@@ -154,7 +165,8 @@ def test_the_warm_up_does_nothing_while_redis_is_unreachable(admin, task, servic
         redis_server.restart()
 
 
-@pytest.mark.skipif(redis_mode() == "cluster", reason="takes the single redis-server down")
+@in_process
+@single_redis
 def test_a_write_whose_redis_dies_after_the_bump_still_answers_and_is_kept(
         client, admin, task, services, redis_server, monkeypatch):
     """Redis answers the write's invalidation, then dies before the warm-up."""
@@ -173,16 +185,21 @@ def test_a_write_whose_redis_dies_after_the_bump_still_answers_and_is_kept(
     finally:
         monkeypatch.undo()
         redis_server.restart()
-    assert _load(services, task["id"])["title"] == "After"
+    assert in_database(services, task["id"])["title"] == "After"
 
 
-def test_the_warm_up_is_not_counted_as_a_reader_s_miss(client, admin, task):
-    """Hit rates stay the readers': the warm-up's own lookups are left out of them."""
+@in_process
+def test_the_warm_up_is_counted_apart_from_the_readers_misses(client, admin, task):
+    """Hit rates stay the readers': the warm-up's own lookups are left out of them, and what it
+    stored is counted in cache_warmed_total."""
     def misses(family):
         return REGISTRY.get_sample_value("cache_misses_total",
                                          {"cache_layer": "redis", "entity_type": family}) or 0.0
     before = misses("task"), misses("task_list")
+    stored = warmed("task", "stored"), warmed("task_list", "stored")
     client.patch(f"/api/tasks/{task['id']}", json={"title": "After"}, headers=admin.headers)
     assert (misses("task"), misses("task_list")) == before
+    assert (warmed("task", "stored"), warmed("task_list", "stored")) == (stored[0] + 1,
+                                                                         stored[1] + 1)
     assert client.get(f"/api/tasks/{task['id']}",
                       headers=admin.headers).headers["X-Cache"] == "HIT-L2"
