@@ -66,6 +66,10 @@ class Settings:
     counter_flush_interval: float = 1.0
     # Copies each API process keeps in its near cache (cache/near.py); 0 turns it off.
     near_cache_entries: int = 20_000
+    # After a task write, store the new value of the task and of its project's first task-list
+    # page (read back from the database after the bump) instead of leaving them to the next
+    # reader's miss. CACHE_WARM_AFTER_WRITE=0 turns it off.
+    warm_after_write: bool = True
 
     def with_overrides(self, **changes) -> "Settings":
         return replace(self, **changes)
@@ -94,6 +98,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
                               if p.strip()),
         counter_flush_interval=float(env.get("COUNTER_FLUSH_INTERVAL") or 1.0),
         near_cache_entries=int(env.get("NEAR_CACHE_ENTRIES") or 20_000),
+        warm_after_write=_flag(env.get("CACHE_WARM_AFTER_WRITE"), True),
     )
 
 

@@ -216,7 +216,7 @@ def markdown(r: dict) -> str:
         ]
     rows = (("stats_small", "small_stats", f"Stats, {d.get('tasks_per_project'):,}-task project"),
             ("stats_big", "big_stats", f"Stats, {d.get('big_project_tasks'):,}-task project"),
-            ("task", "task", "Task GET (entity)"), ("list", "list", "Task list, 20 per page"))
+            ("task", "task", "Task GET (entity)"), ("list", "list", "Task list, first page (50)"))
     for name, prefix, label in rows:
         cur, base = c.get(name, {}), u.get(name, {})
         target = {"stats_big": _met(r, "big_stats_cached_vs_uncached_rps"),

@@ -81,7 +81,7 @@ def write_plans(work: Path, data: Dataset,
     for p in ranked:
         tok = tokens[p.org_id]
         sweep += [(tok, f"/api/projects/{p.id}/stats"), (tok, f"/api/projects/{p.id}"),
-                  (tok, f"/api/projects/{p.id}/tasks?limit=20")]
+                  (tok, f"/api/projects/{p.id}/tasks")]
         sweep += [(tok, f"/api/tasks/{t}") for t in p.sample_task_ids]
     # The freshness probe reads its project's stats and task too: warmed like the rest, or its
     # first read would be the run's only cold miss (an inline computation after the warm-up).
@@ -193,7 +193,7 @@ class Bench:
         return {"stats": f"/api/projects/{project.id}/stats",
                 "project": f"/api/projects/{project.id}",
                 "task": f"/api/tasks/{project.sample_task_ids[0]}",
-                "list": f"/api/projects/{project.id}/tasks?limit=20"}
+                "list": f"/api/projects/{project.id}/tasks"}
 
     # -- phases -------------------------------------------------------------------------------------
     def cached_phase(self) -> dict:

@@ -16,6 +16,10 @@ duration = Histogram(
 errors = Counter("cache_errors_total", "Cache operations that failed (served as misses)",
                  ["operation"])
 invalidations = Counter("cache_invalidations_total", "Cache version bumps", ["entity_type", "source"])
+# After a task write (services/tasks.py warm_after_write): "stored" under the tokens the write's
+# bump set; "superseded" when a later write had replaced them before the store (nothing stored).
+warmed = Counter("cache_warmed_total", "Values loaded and stored right after a write, so that the "
+                 "next reader hits", ["entity_type", "outcome"])
 stale_served = Counter("cache_stale_served_total", "Values served while known to be stale",
                        ["entity_type"])
 singleflight_waits = Counter("cache_singleflight_waits_total",

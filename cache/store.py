@@ -170,6 +170,7 @@ class Lookup:
     tokens: str | None  # the versions seen; None when Redis could not be asked
     value: Any = MISSING
     layer: str = "redis"  # where the value came from: "l1" (the near cache) or "redis"
+    stored: bool = False  # a value was stored under `tokens` (they were still current)
 
     @property
     def hit(self) -> bool:
@@ -320,12 +321,15 @@ class RedisCache:
     def lookup(self, key: Key) -> Lookup:
         return self.lookup_many([key])[0]
 
-    def lookup_many(self, keys: Sequence[Key], side: Sequence["SideRead"] = ()) -> list[Lookup]:
+    def lookup_many(self, keys: Sequence[Key], side: Sequence["SideRead"] = (),
+                    counted: bool = True) -> list[Lookup]:
         """Look up several keys in one round trip (e.g. the session and the entity of a request),
-        with `side` reads of other shapes (a statistics hash) in the same round trip."""
+        with `side` reads of other shapes (a statistics hash) in the same round trip. `counted`
+        False: not a reader's lookup (a warm-up after a write), left out of the hit and miss
+        metrics, the tenants' counts and the hourly tally."""
         if self._owed_purges and not self._settle_owed_purges():
             return [Lookup(key, None) for key in keys]
-        ticket = self.near.begin() if self.near else None
+        ticket = self.near.begin() if self.near and counted else None
         if ticket is not None:
             near = self._lookup_near(keys, side, ticket)
             if near is not None:
@@ -373,7 +377,8 @@ class RedisCache:
                 if ticket is not None:
                     self.near.put(key.name, lookup, (*key.versions, key.name), ticket,
                                   max_age=_near_age(key))
-            self._count(lookup, tally)
+            if counted:
+                self._count(lookup, tally)
             found.append(lookup)
         if ticket is not None:
             for read in side:
@@ -425,16 +430,18 @@ class RedisCache:
         except Unavailable:
             pass
 
-    def store(self, lookup: Lookup, value: Any) -> None:
+    def store(self, lookup: Lookup, value: Any) -> bool:
+        """Store `value` if the tokens `lookup` saw are still current; True if it was stored."""
         if lookup.tokens is None:
-            return
+            return False
         blob = codec.encode(value)
         key = lookup.key
         try:
-            self.call("set", lambda: self._store(keys=[*key.versions, key.name],
-                                                 args=[lookup.tokens, blob, key.ttl]))
+            lookup.stored = bool(self.call("set", lambda: self._store(
+                keys=[*key.versions, key.name], args=[lookup.tokens, blob, key.ttl])))
         except Unavailable:
             pass
+        return lookup.stored
 
     @staticmethod
     def _lock_name(lookup: Lookup) -> str:
@@ -569,7 +576,8 @@ class DisabledCache(RedisCache):
     def __init__(self, client: redis.Redis, breaker: CircuitBreaker, **options) -> None:
         super().__init__(client, breaker, **options)
 
-    def lookup_many(self, keys: Sequence[Key], side: Sequence[SideRead] = ()) -> list[Lookup]:
+    def lookup_many(self, keys: Sequence[Key], side: Sequence[SideRead] = (),
+                    counted: bool = True) -> list[Lookup]:
         return [Lookup(key, None) for key in keys]
 
     def invalidate(self, versions, *, org_ids, family, source="web", event_id=None) -> bool:

@@ -12,6 +12,9 @@ from sqlalchemy.orm import Session
 
 from services.errors import Invalid
 
+# The page size of a list read without `limit` (web/schemas.py Page).
+DEFAULT_LIMIT = 50
+
 
 def encode_cursor(created_at: dt.datetime, row_id: str) -> str:
     raw = orjson.dumps([created_at.isoformat(), row_id])

@@ -3,10 +3,12 @@ row it belongs to, under that row's lock, and carried as a delta by its event.""
 
 from __future__ import annotations
 
+import logging
+
 from sqlalchemy import func, select
 
 from aggregates import Delta
-from cache import keys
+from cache import keys, metrics
 from events import (COMMENT_CREATED, NOTIFICATION_CREATED, TASK_CREATED, TASK_DELETED,
                     TASK_UPDATED)
 from models import Comment, Notification, NotificationKind, Project, Task, User, new_id, utcnow
@@ -15,11 +17,12 @@ from services.auth import Actor
 from services.context import Services
 from services.directory import get_user
 from services.errors import Invalid, NotFound
-from services.pagination import page
+from services.pagination import DEFAULT_LIMIT, page
 from services.projects import get_project, locked_project
 from services.reads import cached
 from services.uow import UnitOfWork, retry_on_deadlock
 
+log = logging.getLogger(__name__)
 
 # -- reads --------------------------------------------------------------------------------------
 def load_task(org_id: str, task_id: str):
@@ -88,6 +91,44 @@ def load_comments_page(task_id: str, limit: int, cursor: str | None):
     return load
 
 
+# -- after a write ------------------------------------------------------------------------------
+def warm_after_write(services: Services, org_id: str, project_id: str,
+                     task_id: str | None = None) -> None:
+    """Store the new values of what a committed task write retired and readers read most: the
+    task (`task_id`; None after a delete) and the first page of its project's task list as a
+    read without query parameters gets it. Call it after the commit, i.e. after the bump.
+
+    A lookup sees the tokens the bump set, the values are loaded from the database after it (one
+    session), and each is stored by compare-and-set under those tokens: a concurrent writer's
+    later bump makes the store fail (the value goes nowhere), and a value stored under current
+    tokens was loaded after the write that set them. No single-flight lock: a reader loading the
+    same key at once stores the same committed data, and the lock's round trips were most of the
+    warm-up's cost. With Redis unavailable it does nothing; no error of its own reaches the write,
+    which is committed.
+    """
+    if not services.settings.warm_after_write or not services.cache.enabled:
+        return
+    targets = [(keys.project_tasks(org_id, project_id, status=None, assignee_id=None,
+                                   limit=DEFAULT_LIMIT, cursor=None),
+                load_tasks_page(project_id, None, None, DEFAULT_LIMIT, None))]
+    if task_id is not None:
+        targets.insert(0, (keys.task(org_id, task_id), load_task(org_id, task_id)))
+    try:
+        lookups = services.cache.lookup_many([key for key, _ in targets], counted=False)
+        due = [(lookup, load) for lookup, (_, load) in zip(lookups, targets)
+               if lookup.tokens is not None and not lookup.hit]  # Redis up, not stored yet
+        if not due:
+            return
+        with services.db.session() as session:
+            values = [load(session) for _, load in due]
+        for (lookup, _), value in zip(due, values):
+            stored = services.cache.store(lookup, value)
+            metrics.warmed.labels(lookup.key.family, "stored" if stored else "superseded").inc()
+    except Exception as exc:  # the write is committed: a failed warm-up is only a later miss
+        log.warning("warm-up after a write to task %s of project %s failed: %s", task_id,
+                    project_id, exc)
+
+
 # -- writes -------------------------------------------------------------------------------------
 class _Numbering:
     """Numbers the changes of one transaction on the rows that own aggregates."""
@@ -149,7 +190,9 @@ def create_task(services: Services, actor: Actor, project_id: str, fields: dict)
                  project_id=project.id, assignees=[task.assignee_id])
         _notify(uow, actor, task, task.assignee_id, NotificationKind.TASK_ASSIGNED)
         uow.commit()
-        return present.task(task)
+        created = present.task(task)
+    warm_after_write(services, actor.org_id, created["project_id"], created["id"])
+    return created
 
 
 def _locked_task(uow: UnitOfWork, actor: Actor, task_id: str) -> tuple[Task, Project]:
@@ -191,7 +234,9 @@ def update_task(services: Services, actor: Actor, task_id: str, changes: dict) -
         if new_assignee != old_assignee:
             _notify(uow, actor, task, new_assignee, NotificationKind.TASK_ASSIGNED)
         uow.commit()
-        return present.task(task)
+        updated = present.task(task)
+    warm_after_write(services, actor.org_id, updated["project_id"], updated["id"])
+    return updated
 
 
 @retry_on_deadlock
@@ -209,9 +254,11 @@ def delete_task(services: Services, actor: Actor, task_id: str) -> None:
         uow.session.query(Notification).filter(Notification.task_id == task.id).delete()
         uow.session.query(Comment).filter(Comment.task_id == task.id).delete()
         uow.session.delete(task)
+        project_id = task.project_id
         uow.emit(TASK_DELETED, actor.org_id, numbering.deltas, task_id=task.id,
-                 project_id=task.project_id, assignees=[task.assignee_id], notified=notified)
+                 project_id=project_id, assignees=[task.assignee_id], notified=notified)
         uow.commit()
+    warm_after_write(services, actor.org_id, project_id)
 
 
 @retry_on_deadlock

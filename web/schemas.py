@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 from pydantic import (AfterValidator, BaseModel, ConfigDict, EmailStr, Field, StringConstraints,
                       field_validator)
 
+from services.pagination import DEFAULT_LIMIT
+
 # API.md: text never holds NUL or other control characters (C0, DEL, C1); descriptions and
 # bodies may hold tabs and newlines. The pattern is in the OpenAPI document too, so generated
 # clients (and schemathesis) know the rule.
@@ -121,7 +123,7 @@ class CommentCreate(Strict):
 
 
 class Page(Query):
-    limit: Annotated[int, Field(ge=1, le=200)] = 50
+    limit: Annotated[int, Field(ge=1, le=200)] = DEFAULT_LIMIT
     cursor: Annotated[str, StringConstraints(max_length=512)] | None = None
 
 

@@ -93,7 +93,7 @@ function request()
   elseif kind == "task" then
     return wrk.format("GET", "/api/tasks/" .. task, h)
   elseif kind == "list" then
-    return wrk.format("GET", "/api/projects/" .. p.id .. "/tasks?limit=20", h)
+    return wrk.format("GET", "/api/projects/" .. p.id .. "/tasks", h)
   end
   return wrk.format("GET", "/api/public/feature-flags", {})
 end

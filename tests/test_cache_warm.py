@@ -1,0 +1,206 @@
+"""Warm after write: a task write stores the new value of the task and of its project's first
+task-list page (read from the database after its bump) so that the next reader hits instead of
+missing; a concurrent write's later bump wins, and Redis trouble never fails the write."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import REGISTRY
+
+import services.tasks as task_service
+from api_support import make_project, make_task
+from cache_helpers import CACHED
+from cache import codec, keys
+from conftest import redis_mode, topology_mode
+from services.auth import Actor
+from services.tasks import update_task, warm_after_write
+from tests.cache_helpers import count_sql, current_blob, raw
+
+
+# These reach into this process (its settings, loaders, metrics or Redis server): not through
+# nginx to `make up-cluster` (TEST_TOPOLOGY=cluster).
+in_process = pytest.mark.skipif(topology_mode() == "cluster", reason="reaches into this process")
+
+
+def single_redis(test):
+    """Kills and restarts the session's redis-server (marked slow, as the outage tests are)."""
+    return pytest.mark.slow(pytest.mark.skipif(
+        redis_mode() == "cluster", reason="takes the single redis-server down")(test))
+
+
+@pytest.fixture
+def project(client, admin):
+    return make_project(client, admin.headers)
+
+
+@pytest.fixture
+def task(client, admin, project):
+    return make_task(client, admin.headers, project["id"], title="Before")
+
+
+def as_admin(account) -> Actor:
+    return Actor(account.user["id"], account.organization["id"], "test", ("admin",),
+                 account.email)
+
+
+def warmed(entity_type: str, outcome: str) -> float:
+    return REGISTRY.get_sample_value("cache_warmed_total",
+                                     {"entity_type": entity_type, "outcome": outcome}) or 0.0
+
+
+def in_database(services, task_id: str) -> dict | None:
+    from models import Task
+    from services import present
+
+    with services.db.session() as db:
+        row = db.get(Task, task_id)
+        return present.task(row) if row else None
+
+
+def test_after_a_patch_the_next_get_of_the_task_is_a_redis_hit_with_the_new_value(
+        client, admin, task):
+    url = f"/api/tasks/{task['id']}"
+    patched = client.patch(url, json={"title": "After", "status": "IN_PROGRESS"},
+                           headers=admin.headers)
+    assert patched.status_code == 200
+    answer = client.get(url, headers=admin.headers)
+    assert answer.headers["X-Cache"] in CACHED
+    assert answer.json == patched.json
+    assert (answer.json["title"], answer.json["status"]) == ("After", "IN_PROGRESS")
+
+
+def test_after_creating_a_task_the_first_page_of_the_project_list_is_a_hit_and_holds_it(
+        client, admin, project):
+    url = f"/api/projects/{project['id']}/tasks"
+    older = make_task(client, admin.headers, project["id"], title="Older")
+    assert client.get(url, headers=admin.headers).headers["X-Cache"] in ("MISS", *CACHED)
+    made = make_task(client, admin.headers, project["id"], title="Newest")
+    answer = client.get(url, headers=admin.headers)
+    assert answer.headers["X-Cache"] in CACHED
+    assert [t["id"] for t in answer.json["items"]] == [made["id"], older["id"]]
+    # the page a read without parameters gets is the page of the default limit
+    explicit = client.get(f"{url}?limit=50", headers=admin.headers)
+    assert explicit.headers["X-Cache"] in CACHED and explicit.json == answer.json
+    task = client.get(f"/api/tasks/{made['id']}", headers=admin.headers)
+    assert task.headers["X-Cache"] in CACHED and task.json == made
+
+
+def test_after_deleting_a_task_the_first_page_of_the_project_list_is_a_hit_without_it(
+        client, admin, project):
+    url = f"/api/projects/{project['id']}/tasks"
+    kept = make_task(client, admin.headers, project["id"], title="Kept")
+    gone = make_task(client, admin.headers, project["id"], title="Gone")
+    assert client.delete(f"/api/tasks/{gone['id']}", headers=admin.headers).status_code == 204
+    answer = client.get(url, headers=admin.headers)
+    assert answer.headers["X-Cache"] in CACHED
+    assert [t["id"] for t in answer.json["items"]] == [kept["id"]]
+    assert client.get(f"/api/tasks/{gone['id']}", headers=admin.headers).status_code == 404
+
+
+@in_process
+def test_with_the_setting_off_the_next_reader_misses_as_before(client, admin, task, services,
+                                                              monkeypatch):
+    monkeypatch.setattr(services, "settings",
+                        services.settings.with_overrides(warm_after_write=False))
+    url = f"/api/tasks/{task['id']}"
+    client.patch(url, json={"title": "After"}, headers=admin.headers)
+    answer = client.get(url, headers=admin.headers)
+    assert (answer.headers["X-Cache"], answer.json["title"]) == ("MISS", "After")
+
+
+@in_process
+@pytest.mark.parametrize("second_writer_warms", [True, False], ids=["B warms", "B does not"])
+def test_a_warm_up_that_loaded_before_a_concurrent_write_never_leaves_its_older_value(
+        client, admin, task, services, monkeypatch, second_writer_warms):
+    """Writer A commits and bumps; A's warm-up looks up and loads its value; writer B then
+    commits and bumps; only then does A's warm-up store. The store must go nowhere: what is
+    served afterwards is B's value, the database's."""
+    actor, tid = as_admin(admin), task["id"]
+    real_load_task = task_service.load_task
+    b = {}
+
+    def run_writer_b() -> None:
+        if not second_writer_warms:
+            monkeypatch.setattr(services, "settings",
+                                services.settings.with_overrides(warm_after_write=False))
+        b["answer"] = update_task(services, actor, tid, {"title": "B", "priority": "LOW"})
+
+    def load_task(org_id, task_id):
+        load = real_load_task(org_id, task_id)
+
+        def loading(db):
+            value = load(db)
+            if not b:  # A's load happened: B writes before A's warm-up stores
+                b["loaded_by_a"] = value
+                run_writer_b()
+            return value
+        return loading
+
+    monkeypatch.setattr(task_service, "load_task", load_task)
+    superseded = warmed("task", "superseded")
+    a = update_task(services, actor, tid, {"title": "A"})
+    assert a["title"] == "A" and b["loaded_by_a"]["title"] == "A"  # it raced as intended
+    assert b["answer"]["title"] == "B"
+
+    truth = in_database(services, tid)
+    assert (truth["title"], truth["priority"]) == ("B", "LOW")
+    blob = current_blob(raw(services), keys.task(admin.organization["id"], tid))
+    assert blob is None or codec.decode(blob) == truth  # nothing older under current tokens
+    for _ in range(2):
+        answer = client.get(f"/api/tasks/{tid}", headers=admin.headers)
+        assert answer.json == truth
+    assert answer.headers["X-Cache"] in CACHED
+    assert warmed("task", "superseded") == superseded + 1  # A's store was refused
+
+
+@in_process
+@single_redis
+def test_the_warm_up_does_nothing_while_redis_is_unreachable(admin, task, services,
+                                                             redis_server):
+    redis_server.kill()
+    try:
+        with count_sql(services) as sql:
+            warm_after_write(services, admin.organization["id"], task["project_id"], task["id"])
+        assert sql.count == 0  # no load whose value could not be stored
+    finally:
+        redis_server.restart()
+
+
+@in_process
+@single_redis
+def test_a_write_whose_redis_dies_after_the_bump_still_answers_and_is_kept(
+        client, admin, task, services, redis_server, monkeypatch):
+    """Redis answers the write's invalidation, then dies before the warm-up."""
+    invalidate = services.cache.invalidate
+
+    def invalidate_then_die(*args, **kwargs):
+        done = invalidate(*args, **kwargs)
+        redis_server.kill()
+        return done
+
+    monkeypatch.setattr(services.cache, "invalidate", invalidate_then_die)
+    url = f"/api/tasks/{task['id']}"
+    try:
+        patched = client.patch(url, json={"title": "After"}, headers=admin.headers)
+        assert patched.status_code == 200 and patched.json["title"] == "After"
+    finally:
+        monkeypatch.undo()
+        redis_server.restart()
+    assert in_database(services, task["id"])["title"] == "After"
+
+
+@in_process
+def test_the_warm_up_is_counted_apart_from_the_readers_misses(client, admin, task):
+    """Hit rates stay the readers': the warm-up's own lookups are left out of them, and what it
+    stored is counted in cache_warmed_total."""
+    def misses(family):
+        return REGISTRY.get_sample_value("cache_misses_total",
+                                         {"cache_layer": "redis", "entity_type": family}) or 0.0
+    before = misses("task"), misses("task_list")
+    stored = warmed("task", "stored"), warmed("task_list", "stored")
+    client.patch(f"/api/tasks/{task['id']}", json={"title": "After"}, headers=admin.headers)
+    assert (misses("task"), misses("task_list")) == before
+    assert (warmed("task", "stored"), warmed("task_list", "stored")) == (stored[0] + 1,
+                                                                         stored[1] + 1)
+    assert client.get(f"/api/tasks/{task['id']}",
+                      headers=admin.headers).headers["X-Cache"] in CACHED
