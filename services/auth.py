@@ -30,21 +30,30 @@ from services.uow import UnitOfWork
 log = logging.getLogger(__name__)
 
 ALGORITHM = "HS256"
-_hasher: PasswordHasher | None = None
-# Verified against when the email is unknown, so both failures cost the same time.
-_DUMMY_HASH: str | None = None
+# The hasher and a hash verified against when the email is unknown (so both failures cost the
+# same time), made together on first use: a parallel first login must never see one without
+# the other.
+_hashing: tuple[PasswordHasher, str] | None = None
+_hashing_lock = threading.Lock()
+
+
+def _password_hashing() -> tuple[PasswordHasher, str]:
+    global _hashing
+    if _hashing is None:
+        with _hashing_lock:
+            if _hashing is None:
+                import os
+
+                # The tests lower the memory cost through this variable; production keeps the
+                # default.
+                memory = int(os.environ.get("PASSWORD_HASH_MEMORY_KIB", "65536"))
+                made = PasswordHasher(memory_cost=memory, time_cost=3 if memory >= 65536 else 2)
+                _hashing = (made, made.hash("not-a-password"))
+    return _hashing
 
 
 def hasher() -> PasswordHasher:
-    global _hasher, _DUMMY_HASH
-    if _hasher is None:
-        import os
-
-        # The tests lower the memory cost through this variable; production keeps the default.
-        memory = int(os.environ.get("PASSWORD_HASH_MEMORY_KIB", "65536"))
-        _hasher = PasswordHasher(memory_cost=memory, time_cost=3 if memory >= 65536 else 2)
-        _DUMMY_HASH = _hasher.hash("not-a-password")
-    return _hasher
+    return _password_hashing()[0]
 
 
 def hash_password(password: str) -> str:
@@ -53,7 +62,8 @@ def hash_password(password: str) -> str:
 
 def verify_password(password_hash: str | None, password: str) -> bool:
     try:
-        return hasher().verify(password_hash or _DUMMY_HASH, password) and password_hash is not None
+        made, dummy = _password_hashing()
+        return made.verify(password_hash or dummy, password) and password_hash is not None
     except (VerificationError, InvalidHashError):
         return False
 

@@ -337,3 +337,28 @@ def test_a_member_token_gets_member_rights_only(client, admin):
                                 json={"name": "Mine"}), 403)
     assert_problem(client.post("/api/users", headers=member["headers"], json={
         "email": new_email(), "password": PASSWORD, "display_name": "X"}), 403)
+
+
+def test_parallel_first_logins_of_a_process_never_fail_on_the_unknown_email_hash():
+    """The first use makes the hasher and the hash an unknown email is verified against: a
+    parallel first login must never find one without the other (it answered 500)."""
+    import threading
+
+    from services import auth
+
+    for _ in range(5):
+        auth._hashing = None
+        start, failures = threading.Barrier(8), []
+
+        def first_login() -> None:
+            start.wait()
+            try:
+                assert auth.verify_password(None, "guess") is False
+            except Exception as exc:  # noqa: BLE001 - any error is the failure under test
+                failures.append(exc)
+        threads = [threading.Thread(target=first_login) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert failures == []
