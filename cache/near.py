@@ -64,9 +64,13 @@ class _Tracker:
                                      **kwargs)
         self.last_pong = 0.0
         self.pings_waiting = 0
+        self._poller: select.poll | None = None
 
     def open(self, on_invalidate) -> None:
         self.conn.connect()
+        self._poller = select.poll()
+        self._poller.register(self.conn._sock.fileno(), select.POLLIN | select.POLLERR
+                              | select.POLLHUP)
         self.conn._parser.invalidation_push_handler_func = on_invalidate
         prefixes = [arg for prefix in PREFIXES for arg in ("PREFIX", prefix)]
         self.conn.send_command("CLIENT", "TRACKING", "ON", "BCAST", *prefixes)
@@ -78,6 +82,15 @@ class _Tracker:
     def ping(self) -> None:
         self.conn.send_command("PING")
         self.pings_waiting += 1
+
+    def pending(self) -> bool:
+        """Something arrived on the socket. A drain reads until nothing complete is left, so
+        whatever it leaves half-read in the parser's buffer makes the socket readable again when
+        the rest arrives: a poll of the socket (a microsecond) is enough between drains, where
+        redis-py's can_read costs two settimeout calls."""
+        if self._poller is None:
+            raise redis.ConnectionError("tracking connection closed")
+        return bool(self._poller.poll(0))
 
     def drain(self) -> None:
         """Read everything that has arrived, without waiting (invalidations go to the handler)."""
@@ -99,6 +112,7 @@ class _Tracker:
         return self.conn._sock.fileno()
 
     def close(self) -> None:
+        self._poller = None
         try:
             self.conn.disconnect()
         except Exception:  # noqa: BLE001 - closing a connection that may be broken already
@@ -171,7 +185,8 @@ class NearCache:
                 return None
             try:
                 for tracker in self._trackers:
-                    tracker.drain()
+                    if tracker.pending():
+                        tracker.drain()
             except (redis.RedisError, OSError) as exc:
                 self._lose(f"tracking connection failed: {exc}")
                 return None

@@ -22,8 +22,8 @@ def _flag(name: str) -> bool:
 # Threads cover I/O waits (database, Redis); more processes than 4 only multiply per-process L1
 # caches and connection pools on a development machine.
 workers = int(os.environ.get("WEB_CONCURRENCY") or min(2 * _cores() + 1, 4))
-worker_class = "gthread"
-threads = 4
+worker_class = os.environ.get("GUNICORN_WORKER_CLASS") or "gthread"
+threads = int(os.environ.get("GUNICORN_THREADS") or 4)
 graceful_timeout = 10
 accesslog = "-" if _flag("GUNICORN_ACCESS_LOG") else None
 errorlog = "-"
