@@ -275,7 +275,7 @@ def test_a_killed_api_instance_costs_no_5xx_and_serves_fresh_data_when_back(topo
     on_every_instance(edge, path, headers, lambda a: a.json["name"] == "During 19")
 
 
-def test_when_the_active_beat_dies_the_other_takes_over_and_never_doubles(topology):
+def test_when_the_active_beat_dies_one_beat_takes_over_and_never_doubles(topology):
     def sends(name):
         return log_events(topology.log(name), SENT_SWEEP)
 
@@ -286,17 +286,25 @@ def test_when_the_active_beat_dies_the_other_takes_over_and_never_doubles(topolo
 
     killed_at = time.time()
     old = topology.kill(active)
-    taken = wait_for(lambda: sends(standby), 60, f"{standby} to take over")
+
+    def since_kill(name):
+        return [t for t in sends(name) if t > killed_at]
+
+    def resumed():
+        return sorted(since_kill("beat-1") + since_kill("beat-2"))
+    # The lock goes to whichever beat asks first once it lapses: usually the standby, but the
+    # supervisor restarts the killed one within a second and it may win the race (seen under
+    # load). Either way exactly one beat schedules again within the lock's bound.
+    taken = wait_for(resumed, 60, "a beat to schedule again after the kill")
     takeover = taken[0] - killed_at
     print(f"beat takeover after SIGKILL of the active beat: {takeover:.1f} s")
     assert takeover < TAKEOVER_BOUND + 1.0  # log stamps are in milliseconds, the bound in seconds
-    # The new holder keeps sending; the restarted old one waits as the standby and sends nothing.
     topology.wait_restarted(active, old)
     wait_for(lambda: topology.log(active).count("beat: Starting...") >= 2, 60,
              f"{active} started again")
-    count = len(sends(standby))
-    wait_for(lambda: len(sends(standby)) >= count + 3, 60, "sweeps after the takeover")
-    assert [t for t in sends(active) if t > killed_at] == []
+    wait_for(lambda: len(resumed()) >= len(taken) + 3, 60, "sweeps after the takeover")
+    senders = [name for name in ("beat-1", "beat-2") if since_kill(name)]
+    assert len(senders) == 1, {name: since_kill(name) for name in ("beat-1", "beat-2")}
     # Workers run the sweeps the new beat sends (a busy worker may take a while to log one).
 
     def ran_after_takeover():
