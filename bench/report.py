@@ -66,6 +66,7 @@ def ratios(r: dict) -> dict:
         "big_stats_vs_health_rps": _div(_get(c, "stats_big", "rps"), health_rps),
         "mixed_vs_health_rps": _div(_get(c, "mixed", "load", "rps"), health_rps),
         "mixed_vs_health_p99": _div(_get(c, "mixed", "load", "p99_ms"), health_p99),
+        "mixed_reads_only_vs_health_rps": _div(_get(c, "mixed", "reads_only", "rps"), health_rps),
         "mixed_hit_rate": _get(c, "mixed", "hit_rates", "overall", "hit_rate"),
         "mixed_lowest_family_hit_rate": min(
             (v["hit_rate"] for v in (_get(c, "mixed", "hit_rates", "overall", "families")
@@ -237,6 +238,9 @@ def markdown(r: dict) -> str:
         f"| Mixed (Zipf s={mx.get('zipf_s')}, {100 * (mx.get('write_share') or 0):g}% writes): "
         f"throughput vs `/health` | {_rps(load.get('rps'))} | {_rps(health.get('rps'))} | "
         f"{_x(q['mixed_vs_health_rps'])} | {_met(r, 'mixed_vs_health_rps')} |",
+        f"| Mixed without its writes (the same reads, 0% writes): throughput vs `/health` | "
+        f"{_rps(_get(mx, 'reads_only', 'rps'))} | {_rps(health.get('rps'))} | "
+        f"{_x(q.get('mixed_reads_only_vs_health_rps'))} | |",
         f"| Mixed: p50 / p99 (p99 vs `/health`) | {_ms(load.get('p50_ms'))} / "
         f"{_ms(load.get('p99_ms'))} | {_ms(health.get('p50_ms'))} / "
         f"{_ms(health.get('p99_ms'))} | {_x(q['mixed_vs_health_p99'])} slower | |",

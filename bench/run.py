@@ -259,6 +259,13 @@ class Bench:
             f"{result.p99_ms:.2f} ms  hit rate {rates['overall']['hit_rate']}  "
             f"freshness p50 {fresh['p50_ms']} ms p99 {fresh['p99_ms']} ms "
             f"({fresh['samples']} probes)")
+        # The same reads without the writes: what the 5% of writes cost the mixed throughput.
+        reads_only = self.plan.with_name("mixed-reads.plan")
+        reads_only.write_text(self.plan.read_text().replace(f"write {WRITE_SHARE}\n", "write 0\n"))
+        without_writes = wrk(self.load, self.stack.base + "/", "mixed.lua", str(reads_only), "4",
+                             seconds=self.load.seconds)
+        log(f"  mixed without writes: {without_writes.rps:.1f} req/s  p99 "
+            f"{without_writes.p99_ms:.2f} ms")
         inline = probes.summed(before, after, "stats_inline_computations_total")
         seconds = result.as_dict().get("seconds") or self.load.seconds * 2
         recounts = {"web": probes.summed(before, after, "stats_recomputes_total", by="reason"),
@@ -267,6 +274,7 @@ class Bench:
         log(f"  inline stats computations (cold misses): {inline:g} in {seconds:g} s "
             f"({inline * 3600 / seconds:,.0f} per hour); recounts by reason {recounts}")
         return {"load": result.as_dict(), "hit_rates": rates, "freshness": fresh,
+                "reads_only": without_writes.as_dict(),
                 "inline_computations": inline, "inline_seconds": seconds,
                 "inline_per_hour": round(inline * 3600 / seconds, 1),
                 "recounts_by_reason": recounts,

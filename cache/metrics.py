@@ -63,3 +63,6 @@ near_entries = Gauge("cache_near_entries", "Copies held by the near cache",
                      multiprocess_mode="livesum")
 near_bytes = Gauge("cache_near_bytes", "Estimated memory of the near cache's copies",
                    multiprocess_mode="livesum")
+near_probes = Counter("cache_near_probes_total",
+                      "Requests that pinged Redis themselves because the near cache's heartbeat "
+                      "was late (a busy process)")

@@ -172,6 +172,7 @@ class NearCache:
         self._floor = 0  # reads that began before this seq may have missed an invalidation
         self._trackers: list[_Tracker] = []
         self._connected = False
+        self._probe_failed = float("-inf")
         self._stop = threading.Event()
         self.ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="near-cache-tracking", daemon=True)
@@ -181,9 +182,21 @@ class NearCache:
         """Apply what Redis has sent, then return a ticket for this read (None: do not trust or
         keep copies now)."""
         with self._lock:
-            if not self._trusted():
+            if not self._connected:
                 return None
             try:
+                if not self._trusted():
+                    # The heartbeat thread has not run lately (a busy process on busy cores):
+                    # this request pings itself. Its PONG follows every invalidation Redis sent
+                    # before it, so the wait is also a barrier. No answer in time: not trusted,
+                    # and no request waits for another probe until `retry` has passed (a paused
+                    # Redis must not cost every request the wait).
+                    if time.monotonic() - self._probe_failed < self._retry:
+                        return None
+                    metrics.near_probes.inc()
+                    if not self._probe():
+                        self._probe_failed = time.monotonic()
+                        return None
                 for tracker in self._trackers:
                     if tracker.pending():
                         tracker.drain()
@@ -191,6 +204,19 @@ class NearCache:
                 self._lose(f"tracking connection failed: {exc}")
                 return None
             return self._seq if self._trusted() else None
+
+    def _probe(self) -> bool:
+        deadline = time.monotonic() + self.trust_window
+        for tracker in self._trackers:
+            tracker.ping()
+        for tracker in self._trackers:
+            while tracker.pings_waiting:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                if tracker.pending() or select.select([tracker.fileno()], [], [], left)[0]:
+                    tracker.drain()
+        return True
 
     def get(self, name: str, ticket: int | None) -> Any:
         if ticket is None:
@@ -316,7 +342,8 @@ class NearCache:
             self.ready.clear()
             self._stop.wait(self._retry)
 
-    def _track(self) -> None:
+    def connect(self) -> tuple[list[dict], list[_Tracker]]:
+        """Open the tracking connections (the tracking thread does, and reconnects)."""
         nodes = tracking_nodes(self._client)
         trackers = [_Tracker(node) for node in nodes]
         with self._lock:
@@ -325,6 +352,10 @@ class NearCache:
                 tracker.open(self._on_invalidate)
             self._reset()
             self._connected = True
+        return nodes, trackers
+
+    def _track(self) -> None:
+        nodes, trackers = self.connect()
         self.ready.set()
         topology_checked = time.monotonic()
         while not self._stop.is_set():

@@ -204,3 +204,29 @@ def test_no_copies_are_kept_when_tracking_is_unavailable(settings):
         built.close()
     with pytest.raises(redis.ConnectionError):
         redis.Redis.from_url(dead.redis_url, socket_connect_timeout=0.5).ping()
+
+
+def test_a_request_pings_itself_when_the_heartbeat_is_late_and_then_trusts_its_copies(services):
+    """A busy process's heartbeat thread may not run for a while: a request then makes the
+    round trip itself, and its PONG comes after every invalidation sent before it."""
+    from cache import metrics
+
+    near, r = NearCache(services.redis), raw(services)  # no tracking thread: nobody pings
+    near.connect()
+    try:
+        key = keys.project("org", str(uuid.uuid4()))
+        r.set(key.versions[-1], "v1")
+        ticket = near.begin()
+        assert near.put(key.name, "copy", (*key.versions, key.name), ticket, max_age=60)
+        time.sleep(near.trust_window * 2)
+        probes = metrics.near_probes._value.get()
+        assert near.get(key.name, near.begin()) == "copy"  # trusted again after its own ping
+        assert metrics.near_probes._value.get() == probes + 1
+
+        r.set(key.versions[-1], "v2")
+        time.sleep(near.trust_window * 2)
+        assert near.get(key.name, near.begin()) is MISSING  # the barrier brought the change
+    finally:
+        near.clear()
+        for tracker in near._trackers:
+            tracker.close()
