@@ -20,6 +20,10 @@ invalidations = Counter("cache_invalidations_total", "Cache version bumps", ["en
 # bump set; "superseded" when a later write had replaced them before the store (nothing stored).
 warmed = Counter("cache_warmed_total", "Values loaded and stored right after a write, so that the "
                  "next reader hits", ["entity_type", "outcome"])
+# After a write's commit (services/uow.py): events the web applied whole and marked processed,
+# events sent to a worker to finish, and events neither could take (the outbox sweep re-sends them).
+outbox_events = Counter("outbox_events_total", "Events after their write's commit, by who takes "
+                        "them on", ["outcome"])
 stale_served = Counter("cache_stale_served_total", "Values served while known to be stale",
                        ["entity_type"])
 singleflight_waits = Counter("cache_singleflight_waits_total",

@@ -1,4 +1,9 @@
-"""A write: one transaction, its outbox rows, and what must happen after (never before) commit."""
+"""A write: one transaction, its outbox rows, and what must happen after (never before) commit.
+
+After commit the web applies each event itself (read-your-writes). An event it applied whole is
+marked processed there; only one it could not finish (Redis down, a delta out of order, stats not
+cached) goes to a worker, and the outbox sweep re-sends whatever neither step reached (the web
+died after commit, the broker was down)."""
 
 from __future__ import annotations
 
@@ -8,13 +13,14 @@ import random
 import time
 from typing import Any, Callable, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from aggregates import Delta
+from cache import metrics
 from events.apply import apply_event
-from models import OutboxEvent
+from models import OutboxEvent, utcnow
 from services.context import Services
 
 log = logging.getLogger(__name__)
@@ -48,12 +54,16 @@ class UnitOfWork:
             if not self._committed_after_all(exc):
                 raise
         events, self.events = self.events, []
+        finished, unfinished = [], []
         for event in events:
-            apply_event(self.services, kind=event.kind, org_id=event.organization_id,
-                        payload=event.payload, event_id=event.event_id, source="web",
-                        written_at=event.created_at)
-        if events:
-            self._publish([e.id for e in events])
+            result = apply_event(self.services, kind=event.kind, org_id=event.organization_id,
+                                 payload=event.payload, event_id=event.event_id, source="web",
+                                 written_at=event.created_at)
+            (finished if is_finished(result) else unfinished).append(event.id)
+        if finished:
+            self._mark_processed(finished)
+        if unfinished:
+            self._publish(unfinished)
 
     def _committed_after_all(self, exc: OperationalError) -> bool:
         """A connection lost during COMMIT: did the server commit? The write's first outbox row
@@ -77,11 +87,40 @@ class UnitOfWork:
                     "committed" if found else "was rolled back: running it again")
         return found is not None
 
+    def _mark_processed(self, outbox_ids: list[int]) -> None:
+        """Nothing is left for a worker to do: say so, instead of sending it a task that would
+        apply the event again and change nothing (that pass cost a write more CPU, in the worker,
+        Flower and the broker, than the write itself). Not marked (the database failed here),
+        the sweep hands them to a worker later, which is only a redundant pass."""
+        try:
+            with self.services.db.writers() as session:
+                session.execute(update(OutboxEvent).where(
+                    OutboxEvent.id.in_(outbox_ids), OutboxEvent.processed_at.is_(None))
+                    .values(processed_at=utcnow()))
+                session.commit()
+            metrics.outbox_events.labels("finished_by_web").inc(len(outbox_ids))
+        except DBAPIError as exc:
+            log.warning("could not mark events %s processed (the sweep re-sends them): %s",
+                        outbox_ids, exc)
+
     def _publish(self, outbox_ids: list[int]) -> None:
         try:
             self.services.publish(outbox_ids)
+            metrics.outbox_events.labels("sent_to_worker").inc(len(outbox_ids))
         except Exception as exc:  # the outbox sweep re-sends it; the write stands
+            metrics.outbox_events.labels("left_to_sweep").inc(len(outbox_ids))
             log.warning("could not publish events %s (the sweep will): %s", outbox_ids, exc)
+
+
+# Delta outcomes after which the cached aggregate converges without a worker (anything else, a
+# worker looks at again: it schedules a recount where one is needed).
+SETTLED = {"applied", "duplicate"}
+
+
+def is_finished(result: dict) -> bool:
+    """The web's application of an event left nothing to do: every version it names was bumped
+    and every delta folded into a cached aggregate."""
+    return result["invalidated"] and all(outcome in SETTLED for outcome in result["deltas"])
 
 
 F = TypeVar("F", bound=Callable[..., Any])
