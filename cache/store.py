@@ -41,11 +41,13 @@ SLIDE_STEP = 30
 # invalidation Redis could not send (tracking is what keeps copies correct).
 NEAR_MAX_AGE = 60.0
 # How long "event applied" markers stop a second application of the same event's bumps. The
-# second one normally comes within seconds (the web applies after commit, the worker from the
-# outbox); one arriving later (a redelivery after the 300 s visibility timeout, a sweep re-send
-# after a long broker outage) only bumps again: its values are retired once more (a miss each),
-# never served stale. One marker per write event: kept for a day (VERSION_TTL) they were the
-# cache's key count growing for a day under steady writes (the soak in RELIABILITY.md).
+# second one normally comes within seconds (the web applies after commit and hands an event it
+# could not finish to a worker); one arriving later (a redelivery after the 300 s visibility
+# timeout, a sweep re-send after a long broker outage) only bumps again: its values are retired
+# once more (a miss each), never served stale. One marker per write event, kept for a day
+# (VERSION_TTL), was the cache's key count growing for a day under steady writes; kept 600 s for
+# every event, it was still nine keys in ten under steady writes (the soaks in RELIABILITY.md):
+# only events handed on get one now.
 EVENT_MARKER_TTL = 600
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError)
 
@@ -556,6 +558,23 @@ class RedisCache:
                     raise
                 self.client.script_load(_BUMP)
         raise AssertionError("unreachable")
+
+    def mark_applied(self, versions: Iterable[str], event_id: str) -> None:
+        """Leave the applied-once markers `invalidate(..., event_id=...)` would have left, for
+        an event whose bumps were applied without them and which is handed on to be applied
+        again. Best effort: without them the second application only retires the values once
+        more."""
+        tags = {hash_tag(version) for version in versions}
+
+        def mark():
+            pipe = self.client.pipeline(transaction=False)
+            for tag in tags:
+                pipe.set(event_marker(tag, event_id), "1", nx=True, ex=EVENT_MARKER_TTL)
+            pipe.execute()
+        try:
+            self.call("invalidate", mark)
+        except Unavailable:
+            pass
 
     def purge_organization(self, org_id: str) -> bool:
         return self.invalidate(org_generations(org_id), org_ids=[org_id], family="organization",

@@ -13,9 +13,11 @@ from models import utcnow
 log = logging.getLogger(__name__)
 
 
-def apply_event(services, *, kind: str, org_id: str, payload: dict, event_id: str,
+def apply_event(services, *, kind: str, org_id: str, payload: dict, event_id: str | None,
                 source: str, written_at: dt.datetime | None = None) -> dict:
-    """Retire the versions the event names and fold in its deltas. Idempotent.
+    """Retire the versions the event names and fold in its deltas. Idempotent; with `event_id`
+    the bumps are applied once however often it runs (markers), without it (the web's first
+    application, usually the only one) they leave nothing behind: see `mark_applied`.
 
     Returns what happened, for logs and tests: {"invalidated": bool, "deltas": [outcomes]}."""
     versions = versions_for(kind, org_id, payload)
@@ -30,6 +32,12 @@ def apply_event(services, *, kind: str, org_id: str, payload: dict, event_id: st
         lag = (utcnow() - written_at).total_seconds()
         metrics.stats_freshness.labels(source).observe(max(lag, 0.0))
     return {"invalidated": invalidated, "deltas": outcomes}
+
+
+def mark_applied(services, *, kind: str, org_id: str, payload: dict, event_id: str) -> None:
+    """The event's bumps were applied (without markers) and it is handed on to be applied again:
+    leave the markers, so that the second application does not retire what readers stored since."""
+    services.cache.mark_applied(versions_for(kind, org_id, payload), event_id)
 
 
 def _announce_l1(services, name: str, invalidated: bool) -> None:

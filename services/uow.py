@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from aggregates import Delta
 from cache import metrics
-from events.apply import apply_event
+from events.apply import apply_event, mark_applied
 from models import OutboxEvent, utcnow
 from services.context import Services
 
@@ -56,10 +56,16 @@ class UnitOfWork:
         events, self.events = self.events, []
         finished, unfinished = [], []
         for event in events:
-            result = apply_event(self.services, kind=event.kind, org_id=event.organization_id,
-                                 payload=event.payload, event_id=event.event_id, source="web",
+            fields = {"kind": event.kind, "org_id": event.organization_id,
+                      "payload": event.payload}
+            result = apply_event(self.services, **fields, event_id=None, source="web",
                                  written_at=event.created_at)
-            (finished if is_finished(result) else unfinished).append(event.id)
+            if is_finished(result):
+                finished.append(event.id)
+                continue
+            if result["invalidated"]:
+                mark_applied(self.services, **fields, event_id=event.event_id)
+            unfinished.append(event.id)
         if finished:
             self._mark_processed(finished)
         if unfinished:

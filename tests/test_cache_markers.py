@@ -1,29 +1,56 @@
-"""Event markers ("this event's bumps were applied") are kept only as long as a second
-application of the same event normally comes: one marker per write event, kept for a day, was
-the cache's key count growing all day under steady writes (RELIABILITY.md, the soak)."""
+"""Event markers ("this event's bumps were applied") are left only for an event handed on to be
+applied again, and kept only as long as that second application normally takes to come: one
+marker per write event was the cache's key count following the write rate (RELIABILITY.md, the
+soaks)."""
 
 from __future__ import annotations
 
 import redis
+from sqlalchemy import select
 
 from cache.store import EVENT_MARKER_TTL, VERSION_TTL
 
 
-def test_a_write_leaves_event_markers_that_expire_long_before_the_version_keys(
-        client, admin, services, settings):
-    project = client.post("/api/projects", json={"name": "Markers"}, headers=admin.headers).json
+def markers(raw) -> set[bytes]:
+    return set(raw.scan_iter(match="applied:*"))
+
+
+def test_a_write_the_web_finishes_leaves_no_marker(client, admin, settings):
+    raw = redis.Redis.from_url(settings.redis_url)
+    project = client.post("/api/projects", json={"name": "Finished"}, headers=admin.headers).json
+    assert client.get(f"/api/projects/{project['id']}/stats", headers=admin.headers).status_code == 200
+    before = markers(raw)
+
     answer = client.post(f"/api/projects/{project['id']}/tasks", json={"title": "t"},
                          headers=admin.headers)
     assert answer.status_code == 201
+    assert markers(raw) == before  # every version bumped, the delta folded in: nothing owed
+
+
+def test_an_event_handed_to_a_worker_is_marked_so_its_second_application_bumps_nothing(
+        client, admin, services, settings):
+    from events.apply import apply_event
+    from models import OutboxEvent
 
     raw = redis.Redis.from_url(settings.redis_url)
-    markers = list(raw.scan_iter(match="applied:*"))
-    assert markers, "the write's events were applied with a marker"
-    for name in markers:
-        assert 0 < raw.ttl(name) <= EVENT_MARKER_TTL
-    versions = list(raw.scan_iter(match="v:*"))
+    project = client.post("/api/projects", json={"name": "Handed"}, headers=admin.headers).json
+    before = markers(raw)
+    # The stats were never read: the delta finds no cached aggregate, the event goes to a worker.
+    task = client.post(f"/api/projects/{project['id']}/tasks", json={"title": "t"},
+                       headers=admin.headers).json
+    left = markers(raw) - before
+    assert left, "the event handed on carries its markers"
+    for name in left:
+        assert 0 < raw.ttl(name) <= EVENT_MARKER_TTL < VERSION_TTL
+    versions = {name: raw.get(name) for name in raw.scan_iter(match="v:*")}
     assert versions and all(raw.ttl(v) > EVENT_MARKER_TTL for v in versions)
-    assert EVENT_MARKER_TTL < VERSION_TTL
+
+    with services.db.session() as db:
+        event = next(e for e in db.scalars(select(OutboxEvent).order_by(OutboxEvent.id.desc()))
+                     if e.payload.get("task_id") == task["id"])
+    apply_event(services, kind=event.kind, org_id=event.organization_id, payload=event.payload,
+                event_id=event.event_id, source="worker")
+    assert {name: raw.get(name) for name in versions} == versions
 
 
 def test_an_event_applied_twice_within_the_marker_ttl_bumps_once(services, settings):
