@@ -42,6 +42,21 @@ class Result:
                 **({"counters": self.counters} if self.counters else {})}
 
 
+    @staticmethod
+    def combined(parts: list["Result"]) -> "Result":
+        """Runs of the same request back to back as one: counts and time add up; percentiles,
+        which cannot be merged from summaries, are the runs' mean (max: the largest)."""
+        requests, seconds = sum(r.requests for r in parts), sum(r.seconds for r in parts)
+        counters: dict = {}
+        for part in parts:
+            for name, value in part.counters.items():
+                counters[name] = counters.get(name, 0) + value
+        mean = lambda field: sum(getattr(r, field) for r in parts) / len(parts)  # noqa: E731
+        return Result(requests, seconds, requests / seconds if seconds else 0.0, mean("p50_ms"),
+                      mean("p90_ms"), mean("p99_ms"), max(r.max_ms for r in parts),
+                      sum(r.errors for r in parts), counters)
+
+
 class LoadFailed(RuntimeError):
     pass
 

@@ -36,7 +36,10 @@ shared and absolute numbers are noisy. The full results of the last run are in
 
 Ratios: throughput as cached / baseline (higher is better); latency as baseline / cached for
 "vs uncached" rows (how many times faster) and cached / `/health` for "vs /health" rows (how many
-times slower than the stack's ceiling).
+times slower than the stack's ceiling). Each "vs /health" ratio takes the `/health` measured around
+its own run (`/health`, the endpoint, the endpoint, `/health`, half a measurement each; the mixed
+runs between a `/health` before and one after): the machine's speed drifts within a run, and a
+drift moves both sides of such a pair alike.
 """
 
 
@@ -59,14 +62,25 @@ def ratios(r: dict) -> dict:
     health_rps = _mean(_get(c, "health", "rps"), _get(c, "health_after", "rps"))
     health_p50 = _mean(_get(c, "health", "p50_ms"), _get(c, "health_after", "p50_ms"))
     health_p99 = _mean(_get(c, "health", "p99_ms"), _get(c, "health_after", "p99_ms"))
+    def vs_health(run: dict | None, field: str) -> float | None:
+        """A run against the /health measured around it (bench/run.py measure_against_health),
+        or, in results from before the pairing, against the run's two /health measurements."""
+        own = _get(run or {}, "paired_health", field)
+        base = own if own is not None else {"rps": health_rps, "p50_ms": health_p50,
+                                            "p99_ms": health_p99}[field]
+        return _div(_get(run or {}, field), base)
+
+    mixed = dict(_get(c, "mixed", "load") or {}, paired_health=_get(c, "mixed", "paired_health"))
+    reads_only = dict(_get(c, "mixed", "reads_only") or {},
+                      paired_health=_get(c, "mixed", "paired_health"))
     out = {
-        "stats_vs_health_rps": _div(_get(c, "stats_small", "rps"), health_rps),
-        "stats_vs_health_p50": _div(_get(c, "stats_small", "p50_ms"), health_p50),
-        "stats_vs_health_p99": _div(_get(c, "stats_small", "p99_ms"), health_p99),
-        "big_stats_vs_health_rps": _div(_get(c, "stats_big", "rps"), health_rps),
-        "mixed_vs_health_rps": _div(_get(c, "mixed", "load", "rps"), health_rps),
-        "mixed_vs_health_p99": _div(_get(c, "mixed", "load", "p99_ms"), health_p99),
-        "mixed_reads_only_vs_health_rps": _div(_get(c, "mixed", "reads_only", "rps"), health_rps),
+        "stats_vs_health_rps": vs_health(c.get("stats_small"), "rps"),
+        "stats_vs_health_p50": vs_health(c.get("stats_small"), "p50_ms"),
+        "stats_vs_health_p99": vs_health(c.get("stats_small"), "p99_ms"),
+        "big_stats_vs_health_rps": vs_health(c.get("stats_big"), "rps"),
+        "mixed_vs_health_rps": vs_health(mixed, "rps"),
+        "mixed_vs_health_p99": vs_health(mixed, "p99_ms"),
+        "mixed_reads_only_vs_health_rps": vs_health(reads_only, "rps"),
         "mixed_hit_rate": _get(c, "mixed", "hit_rates", "overall", "hit_rate"),
         "mixed_lowest_family_hit_rate": min(
             (v["hit_rate"] for v in (_get(c, "mixed", "hit_rates", "overall", "families")
@@ -77,8 +91,8 @@ def ratios(r: dict) -> dict:
         "recomputes_per_1000_writes": _get(c, "burst", "recomputes_per_1000"),
     }
     for name in ("task", "list"):
-        out[f"{name}_vs_health_rps"] = _div(_get(c, name, "rps"), health_rps)
-        out[f"{name}_vs_health_p99"] = _div(_get(c, name, "p99_ms"), health_p99)
+        out[f"{name}_vs_health_rps"] = vs_health(c.get(name), "rps")
+        out[f"{name}_vs_health_p99"] = vs_health(c.get(name), "p99_ms")
     for name in ("stats_small", "stats_big", "task", "list"):
         prefix = {"stats_small": "small_stats", "stats_big": "big_stats"}.get(name, name)
         out[f"{prefix}_cached_vs_uncached_rps"] = _div(_get(c, name, "rps"), _get(u, name, "rps"))
@@ -193,26 +207,30 @@ def markdown(r: dict) -> str:
         "| Measurement | Cached | Baseline | Ratio | Target |",
         "| --- | --- | --- | --- | --- |",
     ]
+    # Each "vs /health" row's baseline is the /health measured around that run (older results:
+    # the run's first /health).
     health = c.get("health", {})
     s, b = c.get("stats_small", {}), c.get("stats_big", {})
+    sh = s.get("paired_health", health)
     lines += [
         f"| Warm project stats vs `/health`: throughput | {_rps(s.get('rps'))} | "
-        f"{_rps(health.get('rps'))} | {_x(q['stats_vs_health_rps'])} | "
+        f"{_rps(sh.get('rps'))} | {_x(q['stats_vs_health_rps'])} | "
         f"{_met(r, 'stats_vs_health_rps')} |",
         f"| Warm project stats vs `/health`: p50 | {_ms(s.get('p50_ms'))} | "
-        f"{_ms(health.get('p50_ms'))} | {_x(q['stats_vs_health_p50'])} slower | |",
+        f"{_ms(sh.get('p50_ms'))} | {_x(q['stats_vs_health_p50'])} slower | |",
         f"| Warm project stats vs `/health`: p99 | {_ms(s.get('p99_ms'))} | "
-        f"{_ms(health.get('p99_ms'))} | {_x(q['stats_vs_health_p99'])} slower | "
+        f"{_ms(sh.get('p99_ms'))} | {_x(q['stats_vs_health_p99'])} slower | "
         f"{_met(r, 'stats_vs_health_p99')} |",
     ]
     for name, label in (("task", "Warm task GET"), ("list", "Warm task list page")):
         cur = c.get(name, {})
+        ph = cur.get("paired_health", health)
         lines += [
             f"| {label} vs `/health`: throughput | {_rps(cur.get('rps'))} | "
-            f"{_rps(health.get('rps'))} | {_x(q[f'{name}_vs_health_rps'])} | "
+            f"{_rps(ph.get('rps'))} | {_x(q[f'{name}_vs_health_rps'])} | "
             f"{_met(r, f'{name}_vs_health_rps')} |",
             f"| {label} vs `/health`: p99 | {_ms(cur.get('p99_ms'))} | "
-            f"{_ms(health.get('p99_ms'))} | {_x(q[f'{name}_vs_health_p99'])} slower | "
+            f"{_ms(ph.get('p99_ms'))} | {_x(q[f'{name}_vs_health_p99'])} slower | "
             f"{_met(r, f'{name}_vs_health_p99')} |",
         ]
     rows = (("stats_small", "small_stats", f"Stats, {d.get('tasks_per_project'):,}-task project"),
@@ -234,6 +252,7 @@ def markdown(r: dict) -> str:
     load, rates, fresh = mx.get("load", {}), mx.get("hit_rates", {}), mx.get("freshness", {})
     layer_rates = ", ".join(f"{name} {_pct(v.get('hit_rate'))}" for name, v in rates.items()
                             if name != "overall")
+    health = mx.get("paired_health", health)
     lines += [
         f"| Mixed (Zipf s={mx.get('zipf_s')}, {100 * (mx.get('write_share') or 0):g}% writes): "
         f"throughput vs `/health` | {_rps(load.get('rps'))} | {_rps(health.get('rps'))} | "

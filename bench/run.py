@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import secrets
 import shutil
@@ -173,6 +174,26 @@ class Bench:
             self.results["notes"].append(f"{self.stack.name} {label}: {result.errors} errors")
         return result.as_dict()
 
+    def measure_against_health(self, label: str, path: str, token: str | None = None) -> dict:
+        """The endpoint with /health around it, in halves: /health, the endpoint, the endpoint,
+        /health. This machine's speed drifts during a run (/health itself has halved from one
+        end of a run to the other); taken in this order, a drift moves both sides alike and their
+        ratio holds. The endpoint's result, with the paired /health under `paired_health`."""
+        half = max(1.0, math.ceil(self.load.seconds / 2))
+        health = self.stack.base + "/health"
+        runs = [wrk(self.load, health, "auth.lua", "", seconds=half)]
+        runs += [wrk(self.load, self.stack.base + path, "auth.lua", token or "", seconds=half)
+                 for _ in range(2)]
+        runs.append(wrk(self.load, health, "auth.lua", "", seconds=half))
+        result = Result.combined(runs[1:3])
+        paired = Result.combined([runs[0], runs[3]])
+        log(f"  {label:<34} {result.rps:9.1f} req/s  p50 {result.p50_ms:8.2f} ms  "
+            f"p99 {result.p99_ms:8.2f} ms  errors {result.errors}  (/health around it: "
+            f"{paired.rps:,.1f} req/s, ratio {result.rps / paired.rps:.2f}x)")
+        if result.errors:
+            self.results["notes"].append(f"{self.stack.name} {label}: {result.errors} errors")
+        return {**result.as_dict(), "paired_health": paired.as_dict()}
+
     def warm(self, path: str, token: str) -> dict:
         """One request that fills the cache (the cold cost, reported too)."""
         client = probes.Client(self.stack.base, token)
@@ -216,10 +237,11 @@ class Bench:
                            "list": self.warm(sp["list"], self.token0)}
             log("cached stack: warm single-endpoint runs")
             out["health"] = self.measure("/health", "/health")
-            out["stats_small"] = self.measure("stats, ~1k-task project", sp["stats"], self.token0)
-            out["stats_big"] = self.measure("stats, big project", bp["stats"], self.token0)
-            out["task"] = self.measure("task GET", sp["task"], self.token0)
-            out["list"] = self.measure("task list (20)", sp["list"], self.token0)
+            paired = self.measure_against_health
+            out["stats_small"] = paired("stats, ~1k-task project", sp["stats"], self.token0)
+            out["stats_big"] = paired("stats, big project", bp["stats"], self.token0)
+            out["task"] = paired("task GET", sp["task"], self.token0)
+            out["list"] = paired("task list (default page)", sp["list"], self.token0)
             out["health_after"] = self.measure("/health (again)", "/health")
             out["mixed"] = self.mixed()
             out["staleness"] = self.staleness(stack)
@@ -244,6 +266,8 @@ class Bench:
         probe = probes.FreshnessProbe(self.stack.base, self.token0, self.data.probe.id,
                                       probe_task, count=count,
                                       interval=max(0.02, self.load.seconds * 2 / count - 0.01))
+        health = self.stack.base + "/health"
+        health_before = wrk(self.load, health, "auth.lua", "")
         before = probes.scrape(self.stack.base)
         before_w = self.worker_metrics(self.stack)
         probe.start()
@@ -264,8 +288,12 @@ class Bench:
         reads_only.write_text(self.plan.read_text().replace(f"write {WRITE_SHARE}\n", "write 0\n"))
         without_writes = wrk(self.load, self.stack.base + "/", "mixed.lua", str(reads_only), "4",
                              seconds=self.load.seconds)
+        # /health before and after both mixed runs: their ratios hold through a drifting machine.
+        paired = Result.combined([health_before, wrk(self.load, health, "auth.lua", "")])
         log(f"  mixed without writes: {without_writes.rps:.1f} req/s  p99 "
-            f"{without_writes.p99_ms:.2f} ms")
+            f"{without_writes.p99_ms:.2f} ms; /health around both mixed runs "
+            f"{paired.rps:,.1f} req/s (mixed {result.rps / paired.rps:.2f}x, without writes "
+            f"{without_writes.rps / paired.rps:.2f}x)")
         inline = probes.summed(before, after, "stats_inline_computations_total")
         seconds = result.as_dict().get("seconds") or self.load.seconds * 2
         recounts = {"web": probes.summed(before, after, "stats_recomputes_total", by="reason"),
@@ -274,7 +302,7 @@ class Bench:
         log(f"  inline stats computations (cold misses): {inline:g} in {seconds:g} s "
             f"({inline * 3600 / seconds:,.0f} per hour); recounts by reason {recounts}")
         return {"load": result.as_dict(), "hit_rates": rates, "freshness": fresh,
-                "reads_only": without_writes.as_dict(),
+                "reads_only": without_writes.as_dict(), "paired_health": paired.as_dict(),
                 "inline_computations": inline, "inline_seconds": seconds,
                 "inline_per_hour": round(inline * 3600 / seconds, 1),
                 "recounts_by_reason": recounts,
