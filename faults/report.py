@@ -101,8 +101,8 @@ def soak_markdown(results: dict) -> str:
         f"{results['interval_s']:g} s; growth measured from the end of the warm-up, "
         f"{results['warmup_s']:.0f} s, to the end): {results['verdict']}",
         "",
-        f"Machine: {m.get('cpu')}, {m.get('cores')} cores **shared with other jobs while this "
-        f"ran** (figures are noisy), {m.get('ram_gib')} GiB RAM; Python {m.get('python')}, "
+        f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('ram_gib')} GiB RAM; "
+        f"Python {m.get('python')}, "
         f"Redis {m.get('redis')}, MariaDB {m.get('mariadb')}. Load: the benchmark's mixed "
         f"workload (wrk, {results['connections']} connections, "
         f"{results.get('rps', 0):,.0f} req/s on average, 5xx: {results.get('status_5xx', 0)}) on "
@@ -118,8 +118,8 @@ def soak_markdown(results: dict) -> str:
                      f"{_fmt(s['after_warmup'], s['unit'])} | {_fmt(s['peak'], s['unit'])} | "
                      f"{_fmt(s['end'], s['unit'])} | {_growth(s['growth'])} | "
                      f"{'yes' if s['flat'] else '**no**'} |")
-    for name in ("cache Redis keys", "cache Redis used memory",
-                 "RSS all Celery-side processes (worker, pool, beat, Flower)"):
+    for name in ("cache Redis keys", "cache Redis used memory", "RSS flower 1",
+                 "Flower tasks held", "RSS all Celery-side processes (worker, pool, beat, Flower)"):
         points = _over_time(results.get("raw", []), name, results["minutes"])
         if points:
             lines += ["", f"{name} over time: " + ", ".join(

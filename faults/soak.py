@@ -1,18 +1,21 @@
 """`python -m faults.soak [--minutes 30]`: the benchmark's mixed load (wrk, bench/lua/mixed.lua) on
 the stack as `make up` runs it, for a long time, sampling what could grow: the resident memory of
 every process of the stack, memory, keys and clients of the cache and the broker Redis, the
-stack's MariaDB connections, and the outbox backlog. Flat = under 5% growth from the end of the
-warm-up to the end of the run. The figures go to RELIABILITY.md."""
+stack's MariaDB connections, the outbox backlog and the tasks Flower holds. Flat = under 5%
+growth from the end of the warm-up (the cache's longest TTL has passed and Flower's task buffer
+is full) to the end of the run. The figures go to RELIABILITY.md."""
 
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime as dt
 import json
 import statistics
 import sys
 import threading
 import time
+import urllib.request
 from collections import defaultdict
 from dataclasses import replace
 
@@ -28,6 +31,7 @@ from faults import report
 from faults.env import PROJECT_ROOT, Environment, process_tree
 from faults.progress import log
 from faults.verify import outbox_backlog
+from worker.flower import MAX_TASKS as FLOWER_MAX_TASKS
 
 RESULTS = PROJECT_ROOT / "faults" / "results"
 FLAT = 0.05
@@ -36,6 +40,7 @@ SMALL = 10  # a count this small (clients, backlog) is flat while it stays withi
 # are reported beside it.
 SOAK_MAXMEMORY = "1gb"
 LONGEST_TTL = 600.0
+FLOWER_TASKS = "Flower tasks held"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -103,8 +108,24 @@ def mariadb_sample(env: Environment) -> dict[str, float]:
             "MariaDB Threads_connected (whole server, shared)": int(server)}
 
 
-def sample(env: Environment, supervisor: int) -> dict[str, float]:
+def flower_tasks(stack) -> dict[str, float]:
+    """How many tasks Flower holds: it keeps the last MAX_TASKS, so until it holds that many its
+    memory can only grow (a buffer filling, not a leak)."""
+    request = urllib.request.Request(f"http://127.0.0.1:{stack.env['FLOWER_PORT']}/api/tasks")
+    user, _, password = stack.env["FLOWER_BASIC_AUTH"].partition(":")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return {FLOWER_TASKS: len(json.load(answer))}
+    except (OSError, ValueError):
+        return {}
+
+
+def sample(env: Environment, stack) -> dict[str, float]:
+    supervisor = stack.process.pid
     values = rss_by_process(supervisor)
+    values.update(flower_tasks(stack))
     values.update(redis_sample("cache", env.cache.url))
     values.update(redis_sample("broker", env.broker.url))
     values.update(mariadb_sample(env))
@@ -117,6 +138,15 @@ UNITS = {"RSS": "MB", "used memory": "MB"}
 
 def unit_of(name: str) -> str:
     return "MB" if any(k in name for k in UNITS) else ""
+
+
+def warmup_end(samples: list[dict], floor: float) -> float:
+    """The warm-up ends once every bounded store has filled or turned over once: the cache's
+    longest TTL has passed (`floor`) and Flower holds as many tasks as it keeps. Until then both
+    can only grow; from then on, growth is what the soak is looking for."""
+    full = next((s["t"] for s in samples
+                 if s["values"].get(FLOWER_TASKS, 0) >= FLOWER_MAX_TASKS), None)
+    return floor if full is None else max(floor, full)
 
 
 def summarize(samples: list[dict], warmup_s: float) -> list[dict]:
@@ -190,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             samples = []
             while driver.is_alive():
                 t = time.monotonic() - started
-                values = sample(env, stack.process.pid)
+                values = sample(env, stack)
                 samples.append({"t": round(t, 1), "values": values})
                 rss = values["RSS all API processes"], values[
                     "RSS all Celery-side processes (worker, pool, beat, Flower)"]
@@ -203,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{values['MariaDB connections of the stack']}")
                 driver.join(timeout=interval)
             samples.append({"t": round(time.monotonic() - started, 1),
-                            "values": sample(env, stack.process.pid)})
+                            "values": sample(env, stack)})
         finally:
             env.stop_stack(stack)
     if "error" in box:
@@ -215,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         results["requests"] = result.requests
         results["status_5xx"] = int(result.counters.get("s5xx", 0))
     results["samples"] = len(samples)
+    results["warmup_s"] = warmup = warmup_end(samples, warmup)
+    if not any(s["values"].get(FLOWER_TASKS, 0) >= FLOWER_MAX_TASKS for s in samples):
+        results["notes"].append(f"Flower never held its {FLOWER_MAX_TASKS:,} tasks: its memory "
+                                "was still filling its buffer at the end")
     results["series"] = summarize(samples, warmup)
     growing = [s["name"] for s in results["series"] if s["judged"] and not s["flat"]]
     results["verdict"] = "flat" if not growing else "NOT flat: " + ", ".join(growing)

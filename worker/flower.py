@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-MAX_TASKS = 2000
+MAX_TASKS = 1000
 
 
 def require_auth_on_every_page() -> None:
@@ -22,9 +22,9 @@ def main(argv: list[str]) -> None:
     require_auth_on_every_page()
     from celery.bin.celery import main as celery_main
 
-    # Flower keeps every task it has seen, 100,000 by default, about 6 KB each: its memory grows
-    # until it holds that many. 2,000 recent tasks bound it to about 12 MB and are the last
-    # 10-15 minutes at a steady load (a write sends a worker a task only when the web could not
+    # Flower keeps every task it has seen, 100,000 by default, about 7 KB each: its memory grows
+    # until it holds that many. The last 1,000 tasks bound it to about 7 MB and are the last ten
+    # minutes at the soak's load (a write sends a worker a task only when the web could not
     # finish its event); rates and history are in Prometheus (celery_tasks_total).
     sys.argv = ["celery", "-A", "worker.celery_app", "flower", f"--max_tasks={MAX_TASKS}", *argv]
     celery_main()
