@@ -225,3 +225,61 @@ def test_curl_on_keep_alive_always_sees_the_413(server, token, curl, tmp_path):
     codes, connects = lines[0::2], [int(n) for n in lines[1::2]]
     assert codes == ["413"] * OVERSIZE_TRIES + ["200"]
     assert sum(connects) == 1, connects  # one connection, kept alive throughout
+
+
+# -- connections per worker process --------------------------------------------------------------
+def _worker_pids(server) -> list[int]:
+    master = server.process.pid
+    found = []
+    for task in os.scandir(f"/proc/{master}/task"):
+        with open(f"{task.path}/children") as children:
+            found += [int(pid) for pid in children.read().split()]
+    return found
+
+
+def _established_inodes(port: int) -> set[str]:
+    """Socket inodes of the server's side of established TCP connections to `port`."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                if local_port == port and fields[3] == "01":
+                    inodes.add(fields[9])
+    return inodes
+
+
+def connections_per_process(server) -> dict[int, int]:
+    inodes = {f"socket:[{inode}]" for inode in _established_inodes(server.port)}
+    held = {}
+    for pid in _worker_pids(server):
+        fds = os.scandir(f"/proc/{pid}/fd")
+        held[pid] = sum(1 for fd in fds if _link(fd.path) in inodes)
+    return held
+
+
+def _link(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
+
+
+def test_kept_alive_connections_opened_together_spread_over_the_worker_processes(server):
+    """A client that opens its connections together (a load balancer's pool, wrk) must not land
+    them all in one process: one process runs on one core (the GIL). No process holds more than
+    twice its threads (web/gunicorn_conf.py); every request is still answered."""
+    sockets = [socket.create_connection(("127.0.0.1", server.port), timeout=30)
+               for _ in range(16)]
+    try:
+        for sock in sockets:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
+        statuses = [int(sock.recv(65536).split(b" ", 2)[1]) for sock in sockets]
+        held = connections_per_process(server)
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert statuses == [200] * 16
+    assert len(held) == 2 and sum(held.values()) > 0, held
+    assert max(held.values()) <= 2 * 4, held  # GUNICORN_THREADS defaults to 4

@@ -24,6 +24,12 @@ def _flag(name: str) -> bool:
 workers = int(os.environ.get("WEB_CONCURRENCY") or min(2 * _cores() + 1, 4))
 worker_class = os.environ.get("GUNICORN_WORKER_CLASS") or "gthread"
 threads = int(os.environ.get("GUNICORN_THREADS") or 4)
+# Connections one worker process holds at once (gthread: in flight plus kept alive). gunicorn's
+# 1,000 let one process accept every kept-alive connection of a client that opens them together
+# (wrk's 16 all landed in one process in 2 runs of 8): that process runs on one core (the GIL)
+# while the others idle, and throughput halved. Twice the threads leaves room for keep-alive and
+# sends the rest to other processes (BENCHMARKS.md, "Connections per process").
+worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS") or 2 * threads)
 graceful_timeout = 10
 accesslog = "-" if _flag("GUNICORN_ACCESS_LOG") else None
 errorlog = "-"
