@@ -387,7 +387,7 @@ class AggregateStore:
             flat = []  # reserved by a recount in progress: a miss
         if counted:
             family = f"{agg.kind}_stats"
-            (metrics.hits if flat else metrics.misses).labels(layer, family).inc()
+            metrics.count_lookup(layer, family, bool(flat))
             if org_id:
                 tenants.count_lookup(org_id, bool(flat))
         if not flat:

@@ -12,6 +12,7 @@ py-spy is not a project dependency: pass its path with --py-spy or have it on PA
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         master = gunicorn_master(stack.process.pid)
         out = LOG_DIR / f"profile-{args.path}.txt"
         spy = subprocess.Popen([args.py_spy, "record", "--pid", str(master), "--subprocesses",
-                                "--format", "raw", "--rate", str(args.rate), "--nonblocking",
+                                *(["--gil"] if os.environ.get("PYSPY_GIL") else []), "--format", "raw", "--rate", str(args.rate), "--nonblocking",
                                 "--duration", str(int(args.seconds)), "-o", str(out)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         result = {}

@@ -409,8 +409,7 @@ class RedisCache:
 
     def _count(self, lookup: Lookup, tally: str) -> None:
         hit = lookup.value is not MISSING
-        family = lookup.key.family
-        (metrics.hits if hit else metrics.misses).labels(lookup.layer, family).inc()
+        metrics.count_lookup(lookup.layer, lookup.key.family, hit)
         org_id = tenants.org_of(lookup.key.name)
         if org_id:
             tenants.count_lookup(org_id, hit)

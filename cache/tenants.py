@@ -82,15 +82,19 @@ def org_of(key_name: str) -> str | None:
     return None
 
 
-_other_declared = False
+_series: dict[tuple[str, bool], object] = {}  # (label, hit) -> its counter, found once
 
 
 def count_lookup(org_id: str, hit: bool) -> None:
     from cache import metrics
 
-    global _other_declared
-    if not _other_declared:  # `other` is a series from the first lookup on, 0 until it counts
-        metrics.tenant_lookups.labels(OTHER, "hit")
-        metrics.tenant_lookups.labels(OTHER, "miss")
-        _other_declared = True
-    metrics.tenant_lookups.labels(_tally.label_for(org_id), "hit" if hit else "miss").inc()
+    if not _series:  # `other` is a series from the first lookup on, 0 until it counts
+        for other_hit in (True, False):
+            _series[OTHER, other_hit] = metrics.tenant_lookups.labels(
+                OTHER, "hit" if other_hit else "miss")
+    label = _tally.label_for(org_id)
+    series = _series.get((label, hit))
+    if series is None:
+        series = _series[label, hit] = metrics.tenant_lookups.labels(label,
+                                                                     "hit" if hit else "miss")
+    series.inc()
