@@ -31,6 +31,8 @@ from stack.redis_server import RedisServer, free_port
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = PROJECT_ROOT / "bench" / "results"
 LOG_DIR = PROJECT_ROOT / "var" / "bench"  # the stacks' logs of the last run
+# The cheapest read that touches the cache: one per-process copy, no token to check.
+FLOOR_PATH = "/api/public/feature-flags"
 MARIADB_ADMIN_URL = os.environ.get("BENCH_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306")
 TOKEN_TTL = 86_400
 ZIPF_S = 1.1
@@ -242,6 +244,9 @@ class Bench:
             out["stats_big"] = paired("stats, big project", bp["stats"], self.token0)
             out["task"] = paired("task GET", sp["task"], self.token0)
             out["list"] = paired("task list (default page)", sp["list"], self.token0)
+            # The floor of any cached read: one value from the process's own memory, no token.
+            self.warm(FLOOR_PATH, "")
+            out["floor"] = paired("floor: feature flags (no token)", FLOOR_PATH)
             out["health_after"] = self.measure("/health (again)", "/health")
             out["mixed"] = self.mixed()
             out["staleness"] = self.staleness(stack)
