@@ -3,7 +3,8 @@
 Seeds the quick dataset, starts the cached stack without workers (the web alone), warms the
 endpoint, then runs wrk against it while py-spy samples every gunicorn worker. Prints the
 functions with the most samples (inclusive and own) and writes the collapsed stacks (flamegraph
-input) to var/bench/profile-<path>.txt.
+input) to var/bench/profile-<path>.txt. `PYSPY_GIL=1` samples only the threads holding the GIL:
+where the Python time goes, without the time threads spend in socket calls.
 
 py-spy is not a project dependency: pass its path with --py-spy or have it on PATH (for example
 `.tools/bin/uv venv /tmp/pyspy && .tools/bin/uv pip install --python /tmp/pyspy/bin/python py-spy`).
