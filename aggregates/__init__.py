@@ -24,7 +24,7 @@ import redis
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from cache import metrics, tenants
+from cache import metrics
 from cache.keys import AGGREGATE_TTL, org_generation, tenant_name
 from cache.near import NearCache
 from cache.store import (MISSING, NEAR_MAX_AGE, VERSION_TTL, RedisCache, Unavailable, _token,
@@ -387,9 +387,7 @@ class AggregateStore:
             flat = []  # reserved by a recount in progress: a miss
         if counted:
             family = f"{agg.kind}_stats"
-            metrics.count_lookup(layer, family, bool(flat))
-            if org_id:
-                tenants.count_lookup(org_id, bool(flat))
+            metrics.lookups.add(layer, family, bool(flat), org_id)
         if not flat:
             return None
         raw = {(k.decode() if isinstance(k, bytes) else k): v for k, v in

@@ -42,7 +42,7 @@ class L1Cache:
     def get(self, name: str, family: str) -> Any:
         with self._lock:
             value = self._data.get(name, MISSING)
-        metrics.count_lookup("l1", family, value is not MISSING)
+        metrics.lookups.add("l1", family, value is not MISSING)
         return value
 
     def set(self, name: str, value: Any, epoch: int | None = None) -> bool:

@@ -3,6 +3,11 @@ in gunicorn they are aggregated across workers through PROMETHEUS_MULTIPROC_DIR.
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
+import time
+
 from prometheus_client import Counter, Gauge, Histogram
 
 hits = Counter("cache_hits_total", "Cache hits", ["cache_layer", "entity_type"])
@@ -72,15 +77,53 @@ near_probes = Counter("cache_near_probes_total",
                       "was late (a busy process)")
 
 
-_lookup_series: dict[tuple[str, str, bool], object] = {}
+
+class LookupCounts:
+    """Readers' lookups as hits and misses (by layer, key family and organization), counted in
+    this process and added to their Prometheus series once per `interval` seconds by a thread of
+    its own, started in each process on its first count. A warm read makes two or three lookups,
+    and in multiprocess mode every increment is an mmap write under a lock: one by one, with the
+    tenants' series, they were 34 of a warm task GET's 235 us in-process (BENCHMARKS.md)."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[str, str, bool, str | None], int] = {}
+        self._series: dict[tuple[str, str, bool], object] = {}
+        self._flusher_pid: int | None = None
+
+    def add(self, layer: str, family: str, hit: bool, org_id: str | None = None) -> None:
+        key = (layer, family, hit, org_id)
+        with self._lock:
+            self._pending[key] = self._pending.get(key, 0) + 1
+            if self._flusher_pid != os.getpid():  # first count here, or a forked child's
+                self._flusher_pid = os.getpid()
+                threading.Thread(target=self._flush_every_interval, name="lookup-counts",
+                                 daemon=True).start()
+
+    def flush(self) -> None:
+        """Add what was counted since the last flush (/metrics calls it before a scrape)."""
+        from cache import tenants
+
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for (layer, family, hit, org_id), count in pending.items():
+            series = self._series.get((layer, family, hit))
+            if series is None:
+                series = self._series[layer, family, hit] = (hits if hit else misses).labels(
+                    layer, family)
+            series.inc(count)
+            if org_id:
+                tenants.count_lookup(org_id, hit, count)
+
+    def _flush_every_interval(self) -> None:
+        pid = os.getpid()
+        while self._flusher_pid == pid:
+            time.sleep(self.interval)
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - metrics must never stop counting
+                logging.getLogger(__name__).exception("lookup counts not flushed")
 
 
-def count_lookup(layer: str, family: str, hit: bool) -> None:
-    """A reader's lookup as a hit or a miss of its layer and key family. A warm read counts two or
-    three of them; the series is found once per process, where `labels()` takes a lock and builds
-    its key on every call (3.4% of a warm task GET's GIL samples under load)."""
-    series = _lookup_series.get((layer, family, hit))
-    if series is None:
-        series = _lookup_series[layer, family, hit] = (hits if hit else misses).labels(layer,
-                                                                                       family)
-    series.inc()
+lookups = LookupCounts()

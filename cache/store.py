@@ -409,10 +409,7 @@ class RedisCache:
 
     def _count(self, lookup: Lookup, tally: str) -> None:
         hit = lookup.value is not MISSING
-        metrics.count_lookup(lookup.layer, lookup.key.family, hit)
-        org_id = tenants.org_of(lookup.key.name)
-        if org_id:
-            tenants.count_lookup(org_id, hit)
+        metrics.lookups.add(lookup.layer, lookup.key.family, hit, tenants.org_of(lookup.key.name))
         # Hit/miss tally of all processes for /health/cache, in hourly buckets.
         self.counters.hincr(tally, "hits" if hit else "misses", TALLY_TTL)
 

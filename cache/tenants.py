@@ -38,15 +38,15 @@ class TenantTally:
         self._recent: Counter[str] = Counter()
         self._window_ends = clock() + window
 
-    def label_for(self, org_id: str) -> str:
-        """The label to count this lookup under (and note it for the next ranking)."""
+    def label_for(self, org_id: str, count: int = 1) -> str:
+        """The label to count `count` lookups under (and note them for the next ranking)."""
         with self._lock:
             now = self._clock()
             if now >= self._window_ends:
                 self._rerank()
                 self._window_ends = now + self.window
             if org_id in self._recent or len(self._recent) < MAX_TRACKED:
-                self._recent[org_id] += 1
+                self._recent[org_id] += count
             if org_id in self.labeled:
                 return org_id
             if len(self.labeled) < self.slots and len(self.ever) < self.max_series:
@@ -85,16 +85,16 @@ def org_of(key_name: str) -> str | None:
 _series: dict[tuple[str, bool], object] = {}  # (label, hit) -> its counter, found once
 
 
-def count_lookup(org_id: str, hit: bool) -> None:
+def count_lookup(org_id: str, hit: bool, count: int = 1) -> None:
     from cache import metrics
 
     if not _series:  # `other` is a series from the first lookup on, 0 until it counts
         for other_hit in (True, False):
             _series[OTHER, other_hit] = metrics.tenant_lookups.labels(
                 OTHER, "hit" if other_hit else "miss")
-    label = _tally.label_for(org_id)
+    label = _tally.label_for(org_id, count)
     series = _series.get((label, hit))
     if series is None:
         series = _series[label, hit] = metrics.tenant_lookups.labels(label,
                                                                      "hit" if hit else "miss")
-    series.inc()
+    series.inc(count)

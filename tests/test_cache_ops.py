@@ -121,6 +121,33 @@ def test_metrics_expose_hits_misses_durations_and_the_breaker(client, admin, pro
         assert line in text, line
 
 
+def test_lookup_counts_reach_their_series_within_the_interval_without_a_scrape():
+    """Readers' hits and misses are counted in the process and added to Prometheus by a thread
+    of its own: exact, and visible to a scrape of another process within the interval."""
+    import uuid
+
+    from prometheus_client import REGISTRY
+
+    from cache.metrics import LookupCounts
+    from worker_fixtures import wait_until
+
+    counts = LookupCounts(interval=0.05)
+    family = f"test_{uuid.uuid4().hex[:8]}"  # series of its own in this process's registry
+
+    def series(name: str) -> float:
+        return REGISTRY.get_sample_value(name, {"cache_layer": "redis",
+                                                "entity_type": family}) or 0.0
+
+    for _ in range(5):
+        counts.add("redis", family, True)
+    counts.add("redis", family, False)
+    wait_until(lambda: series("cache_hits_total") == 5 and series("cache_misses_total") == 1,
+               timeout=10, what="the counts in their series")
+    counts.add("redis", family, True)
+    wait_until(lambda: series("cache_hits_total") == 6, timeout=10, what="a later count")
+    assert series("cache_misses_total") == 1
+
+
 # -- purge ---------------------------------------------------------------------------------------------
 def test_purging_the_cache_purges_only_the_callers_organization(client, sign_up):
     a, b = sign_up("A"), sign_up("B")

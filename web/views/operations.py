@@ -160,8 +160,10 @@ def metrics() -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
     from prometheus_client import REGISTRY
 
+    from cache import metrics as cache_metrics
     from cache.redis_info import RedisInfoCollector
 
+    cache_metrics.lookups.flush()  # this process's counts; the others' are at most 1 s behind
     registry = REGISTRY
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
