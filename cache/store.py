@@ -113,15 +113,53 @@ return 0
 # commit, the worker again from the outbox: whichever comes second changes nothing).
 # KEYS: the version keys of one hash slot, then that slot's marker of the event (or none).
 # ARGV: token seed, version TTL, '1' when a marker is given, the marker's TTL.
+# Returns {1, the tokens it replaced...} ({0} if already applied): a warm-up after the write
+# checks them against the tokens it saw before loading (UnitOfWork.warm).
 _BUMP = """
 local n = #KEYS
 if ARGV[3] == '1' then
   n = n - 1
-  if redis.call('SET', KEYS[#KEYS], '1', 'NX', 'EX', ARGV[4]) == false then return 0 end
+  if redis.call('SET', KEYS[#KEYS], '1', 'NX', 'EX', ARGV[4]) == false then return {0} end
 end
-for i = 1, n do redis.call('SET', KEYS[i], ARGV[1] .. i, 'EX', ARGV[2]) end
-return 1
+local replaced = {1}
+for i = 1, n do
+  replaced[i + 1] = redis.call('SET', KEYS[i], ARGV[1] .. i, 'EX', ARGV[2], 'GET')
+end
+return replaced
 """
+
+
+class Bumped:
+    """What a write's bumps did to each version key: the token before its first bump and after
+    its last. A warm-up that read the tokens before loading stores its value under the new
+    tokens only if the old ones are what it read: no other write bumped in between, so every
+    write its load missed bumps later and retires it."""
+
+    def __init__(self) -> None:
+        self._tokens: dict[str, tuple[str | None, str]] = {}
+
+    def record(self, version: str, old: str | None, new: str) -> None:
+        earlier = self._tokens.get(version)
+        if earlier is not None and old != earlier[1]:
+            old = None  # another writer bumped between two of ours: nothing can be checked
+        elif earlier is not None:
+            old = earlier[0]
+        self._tokens[version] = (old, new)
+
+    def replace(self, versions: Sequence[str], tokens: str, named: set[str]) -> str | None:
+        """The tokens a value read under `tokens` (of `versions`) gets after these bumps; None
+        when a version the write named was not bumped, or was bumped by another writer since
+        `tokens` was read."""
+        parts = tokens.split(".")
+        for i, version in enumerate(versions):
+            if version in self._tokens:
+                old, new = self._tokens[version]
+                if old is None or old != parts[i]:
+                    return None
+                parts[i] = new
+            elif version in named:
+                return None  # Redis failed that bump
+        return ".".join(parts)
 
 
 def unwrap(stored: bytes | None, tokens: str) -> bytes | None:
@@ -517,14 +555,17 @@ class RedisCache:
 
     # -- invalidation -------------------------------------------------------------------------
     def invalidate(self, versions: Iterable[str], *, org_ids: Iterable[str], family: str,
-                   source: str = "web", event_id: str | None = None) -> bool:
+                   source: str = "web", event_id: str | None = None,
+                   bumped: Bumped | None = None) -> bool:
         """Retire every value stored under these versions. Returns False when Redis could not
-        be reached; the organizations are then purged as soon as it answers again."""
+        be reached; the organizations are then purged as soon as it answers again. `bumped`
+        collects each version's token before and after (see `Bumped`)."""
         versions = sorted(set(versions))
         if not versions:
             return True
         try:
-            applied = self.call("invalidate", lambda: self._bump_per_slot(versions, event_id))
+            applied = self.call("invalidate",
+                                lambda: self._bump_per_slot(versions, event_id, bumped))
         except Unavailable:
             with self._owed_lock:
                 self._owed_purges.update(org_ids)
@@ -533,7 +574,8 @@ class RedisCache:
             metrics.invalidations.labels(family, source).inc(len(versions))
         return True
 
-    def _bump_per_slot(self, versions: Sequence[str], event_id: str | None = None) -> bool:
+    def _bump_per_slot(self, versions: Sequence[str], event_id: str | None = None,
+                       bumped: Bumped | None = None) -> bool:
         """Replace the tokens of `versions`: one script per hash slot (an event's versions span
         the slices of its entities; a purge, every slice), each with that slot's applied-once
         marker of the event, all in one pipeline. True if any slot applied it."""
@@ -548,11 +590,18 @@ class RedisCache:
                 queue_evalsha(pipe, self._bump.sha, marked,
                               [token, VERSION_TTL, "1" if event_id else "0", EVENT_MARKER_TTL])
             try:
-                return any(int(applied) for applied in pipe.execute())
+                replies = pipe.execute()
             except redis.exceptions.NoScriptError:
                 if attempt == 2:
                     raise
                 self.client.script_load(_BUMP)
+                continue
+            if bumped is not None:
+                for names, reply in zip(by_slot.values(), replies):
+                    for i, (name, old) in enumerate(zip(names, reply[1:]), start=1):
+                        bumped.record(name, old.decode() if isinstance(old, bytes) else old,
+                                      f"{token}{i}")
+            return any(int(reply[0]) for reply in replies)
         raise AssertionError("unreachable")
 
     def mark_applied(self, versions: Iterable[str], event_id: str) -> None:
@@ -595,5 +644,6 @@ class DisabledCache(RedisCache):
                     counted: bool = True) -> list[Lookup]:
         return [Lookup(key, None) for key in keys]
 
-    def invalidate(self, versions, *, org_ids, family, source="web", event_id=None) -> bool:
+    def invalidate(self, versions, *, org_ids, family, source="web", event_id=None,
+                   bumped=None) -> bool:
         return True

@@ -14,15 +14,16 @@ log = logging.getLogger(__name__)
 
 
 def apply_event(services, *, kind: str, org_id: str, payload: dict, event_id: str | None,
-                source: str, written_at: dt.datetime | None = None) -> dict:
+                source: str, written_at: dt.datetime | None = None, bumped=None) -> dict:
     """Retire the versions the event names and fold in its deltas. Idempotent; with `event_id`
     the bumps are applied once however often it runs (markers), without it (the web's first
     application, usually the only one) they leave nothing behind: see `mark_applied`.
 
+    `bumped` (cache.store.Bumped) collects the tokens the bumps replaced.
     Returns what happened, for logs and tests: {"invalidated": bool, "deltas": [outcomes]}."""
     versions = versions_for(kind, org_id, payload)
     invalidated = services.cache.invalidate(versions, org_ids=[org_id], family=kind.split(".")[0],
-                                            source=source, event_id=event_id)
+                                            source=source, event_id=event_id, bumped=bumped)
     if kind == CONFIG_CHANGED:
         _announce_l1(services, payload["name"], invalidated)
     deltas = [Delta.from_dict(d) for d in payload.get("deltas", [])]

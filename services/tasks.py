@@ -8,7 +8,7 @@ import logging
 from sqlalchemy import func, select
 
 from aggregates import Delta
-from cache import keys, metrics
+from cache import keys
 from events import (COMMENT_CREATED, NOTIFICATION_CREATED, TASK_CREATED, TASK_DELETED,
                     TASK_UPDATED)
 from models import Comment, Notification, NotificationKind, Project, Task, User, new_id, utcnow
@@ -92,41 +92,26 @@ def load_comments_page(task_id: str, limit: int, cursor: str | None):
 
 
 # -- after a write ------------------------------------------------------------------------------
-def warm_after_write(services: Services, org_id: str, project_id: str,
+def warm_after_write(uow: UnitOfWork, org_id: str, project_id: str,
                      task_id: str | None = None) -> None:
-    """Store the new values of what a committed task write retired and readers read most: the
-    task (`task_id`; None after a delete) and the first page of its project's task list as a
-    read without query parameters gets it. Call it after the commit, i.e. after the bump.
+    """Have the write store, once committed, the new values of what it retires and readers read
+    most: the task (`task_id`; None after a delete) and the first page of its project's task
+    list as a read without query parameters gets it. Call it before the commit.
 
-    A lookup sees the tokens the bump set, the values are loaded from the database after it (one
-    session), and each is stored by compare-and-set under those tokens: a concurrent writer's
-    later bump makes the store fail (the value goes nowhere), and a value stored under current
-    tokens was loaded after the write that set them. No single-flight lock: a reader loading the
-    same key at once stores the same committed data, and the lock's round trips were most of the
-    warm-up's cost. With Redis unavailable it does nothing; no error of its own reaches the write,
-    which is committed.
+    The values are loaded from committed data before the bumps and stored right after them,
+    only if no other write bumped in between (UnitOfWork.warm, cache.store.Bumped): a reader
+    never finds the key retired and not yet stored again, and a value stored under current
+    tokens was loaded after every write whose bump came before. No single-flight lock: a reader
+    loading the same key at once stores the same committed data. With Redis unavailable it
+    does nothing; no error of its own reaches the write, which is committed.
     """
-    if not services.settings.warm_after_write or not services.cache.enabled:
+    if not uow.services.cache.enabled:
         return
-    targets = [(keys.project_tasks(org_id, project_id, status=None, assignee_id=None,
-                                   limit=DEFAULT_LIMIT, cursor=None),
-                load_tasks_page(project_id, None, None, DEFAULT_LIMIT, None))]
     if task_id is not None:
-        targets.insert(0, (keys.task(org_id, task_id), load_task(org_id, task_id)))
-    try:
-        lookups = services.cache.lookup_many([key for key, _ in targets], counted=False)
-        due = [(lookup, load) for lookup, (_, load) in zip(lookups, targets)
-               if lookup.tokens is not None and not lookup.hit]  # Redis up, not stored yet
-        if not due:
-            return
-        with services.db.session() as session:
-            values = [load(session) for _, load in due]
-        for (lookup, _), value in zip(due, values):
-            stored = services.cache.store(lookup, value)
-            metrics.warmed.labels(lookup.key.family, "stored" if stored else "superseded").inc()
-    except Exception as exc:  # the write is committed: a failed warm-up is only a later miss
-        log.warning("warm-up after a write to task %s of project %s failed: %s", task_id,
-                    project_id, exc)
+        uow.warm(keys.task(org_id, task_id), load_task(org_id, task_id))
+    uow.warm(keys.project_tasks(org_id, project_id, status=None, assignee_id=None,
+                                limit=DEFAULT_LIMIT, cursor=None),
+             load_tasks_page(project_id, None, None, DEFAULT_LIMIT, None))
 
 
 # -- writes -------------------------------------------------------------------------------------
@@ -189,9 +174,9 @@ def create_task(services: Services, actor: Actor, project_id: str, fields: dict)
         uow.emit(TASK_CREATED, actor.org_id, numbering.deltas, task_id=task.id,
                  project_id=project.id, assignees=[task.assignee_id])
         _notify(uow, actor, task, task.assignee_id, NotificationKind.TASK_ASSIGNED)
+        warm_after_write(uow, actor.org_id, project.id, task.id)
         uow.commit()
         created = present.task(task)
-    warm_after_write(services, actor.org_id, created["project_id"], created["id"])
     return created
 
 
@@ -233,9 +218,9 @@ def update_task(services: Services, actor: Actor, task_id: str, changes: dict) -
                  assignees=sorted({a for a in (old_assignee, new_assignee) if a}))
         if new_assignee != old_assignee:
             _notify(uow, actor, task, new_assignee, NotificationKind.TASK_ASSIGNED)
+        warm_after_write(uow, actor.org_id, task.project_id, task.id)
         uow.commit()
         updated = present.task(task)
-    warm_after_write(services, actor.org_id, updated["project_id"], updated["id"])
     return updated
 
 
@@ -257,8 +242,8 @@ def delete_task(services: Services, actor: Actor, task_id: str) -> None:
         project_id = task.project_id
         uow.emit(TASK_DELETED, actor.org_id, numbering.deltas, task_id=task.id,
                  project_id=project_id, assignees=[task.assignee_id], notified=notified)
+        warm_after_write(uow, actor.org_id, project_id)
         uow.commit()
-    warm_after_write(services, actor.org_id, project_id)
 
 
 @retry_on_deadlock

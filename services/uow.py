@@ -19,6 +19,9 @@ from sqlalchemy.orm import Session
 
 from aggregates import Delta
 from cache import metrics
+from cache.keys import Key
+from cache.store import Bumped, Lookup
+from events import versions_for
 from events.apply import apply_event, mark_applied
 from models import OutboxEvent, utcnow
 from services.context import Services
@@ -31,6 +34,7 @@ class UnitOfWork:
         self.services = services
         self.session: Session = services.db.writers()
         self.events: list[OutboxEvent] = []
+        self.to_warm: list[tuple[Key, Callable[[Session], Any]]] = []
 
     def __enter__(self) -> "UnitOfWork":
         return self
@@ -46,6 +50,11 @@ class UnitOfWork:
         self.session.add(event)
         self.events.append(event)
 
+    def warm(self, key: Key, load: Callable[[Session], Any]) -> None:
+        """After commit, store the new value of `key` (which the write's events retire) from
+        committed data, so that the next reader hits (see `_load_to_warm`)."""
+        self.to_warm.append((key, load))
+
     def commit(self) -> None:
         self.session.flush()  # statements first: a connection lost here lost nothing committed
         try:
@@ -54,22 +63,63 @@ class UnitOfWork:
             if not self._committed_after_all(exc):
                 raise
         events, self.events = self.events, []
+        loaded = self._load_to_warm()
+        bumped = Bumped()
         finished, unfinished = [], []
         for event in events:
             fields = {"kind": event.kind, "org_id": event.organization_id,
                       "payload": event.payload}
             result = apply_event(self.services, **fields, event_id=None, source="web",
-                                 written_at=event.created_at)
+                                 written_at=event.created_at, bumped=bumped)
             if is_finished(result):
                 finished.append(event.id)
                 continue
             if result["invalidated"]:
                 mark_applied(self.services, **fields, event_id=event.event_id)
             unfinished.append(event.id)
+        if loaded:
+            named = {v for e in events for v in versions_for(e.kind, e.organization_id,
+                                                              e.payload)}
+            self._store_warmed(loaded, bumped, named)
         if finished:
             self._mark_processed(finished)
         if unfinished:
             self._publish(unfinished)
+
+    def _load_to_warm(self) -> list[tuple[Lookup, Any]]:
+        """The values to warm, loaded after commit and before the bumps, each after a lookup of
+        its tokens. Stored after the bumps only under tokens the bumps derived from those (see
+        `Bumped`): then every write the load missed bumps later and retires the value. Loaded
+        first, only a round trip is left between the bump and the store, where readers of the
+        retired key miss (it was a database load); until the bump they read the old value,
+        which is right while the write is unanswered."""
+        if not self.to_warm or not self.services.settings.warm_after_write:
+            return []
+        try:
+            lookups = self.services.cache.lookup_many([key for key, _ in self.to_warm],
+                                                      counted=False)
+            due = [(lookup, load) for lookup, (_, load) in zip(lookups, self.to_warm)
+                   if lookup.tokens is not None]  # Redis answered
+            if not due:
+                return []
+            # A session of its own: the write's would answer from its objects, not the database.
+            with self.services.db.session() as session:
+                return [(lookup, load(session)) for lookup, load in due]
+        except Exception as exc:  # the write is committed: a failed warm-up is a later miss
+            log.warning("warm-up after a write failed to load: %s", exc)
+            return []
+
+    def _store_warmed(self, loaded: list[tuple[Lookup, Any]], bumped: Bumped,
+                      named: set[str]) -> None:
+        try:
+            for lookup, value in loaded:
+                key = lookup.key
+                tokens = bumped.replace(key.versions, lookup.tokens, named)
+                stored = tokens is not None and self.services.cache.store(Lookup(key, tokens),
+                                                                          value)
+                metrics.warmed.labels(key.family, "stored" if stored else "superseded").inc()
+        except Exception as exc:  # the write is committed: a failed warm-up is a later miss
+            log.warning("warm-up after a write failed to store: %s", exc)
 
     def _committed_after_all(self, exc: OperationalError) -> bool:
         """A connection lost during COMMIT: did the server commit? The write's first outbox row

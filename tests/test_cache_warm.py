@@ -11,9 +11,11 @@ import services.tasks as task_service
 from api_support import make_project, make_task
 from cache_helpers import CACHED
 from cache import codec, keys, metrics
+from cache.store import Bumped
 from conftest import redis_mode, topology_mode
 from services.auth import Actor
 from services.tasks import update_task, warm_after_write
+from services.uow import UnitOfWork
 from tests.cache_helpers import count_sql, current_blob, raw
 
 
@@ -154,13 +156,55 @@ def test_a_warm_up_that_loaded_before_a_concurrent_write_never_leaves_its_older_
 
 
 @in_process
+def test_the_warm_up_loads_before_the_bump_so_no_reader_waits_on_the_database_between(
+        client, admin, task, services, monkeypatch):
+    """Between a write's bump and its warm-up's store, every reader of the page misses. The
+    page is loaded from committed data before the bump, so only a round trip is left between
+    the two; the value is stored under the tokens the bump set."""
+    order = []
+    real_load_page = task_service.load_tasks_page
+    invalidate = services.cache.invalidate
+
+    def load_tasks_page(*args):
+        load = real_load_page(*args)
+        return lambda db: order.append("load") or load(db)
+
+    def bump(*args, **kwargs):
+        order.append("bump")
+        return invalidate(*args, **kwargs)
+
+    monkeypatch.setattr(task_service, "load_tasks_page", load_tasks_page)
+    monkeypatch.setattr(services.cache, "invalidate", bump)
+    update_task(services, as_admin(admin), task["id"], {"title": "After"})
+    assert order[:2] == ["load", "bump"], order
+    page = client.get(f"/api/projects/{task['project_id']}/tasks", headers=admin.headers)
+    assert page.headers["X-Cache"] in CACHED
+    assert [t["title"] for t in page.json["items"] if t["id"] == task["id"]] == ["After"]
+
+
+def test_bumped_tokens_replace_only_what_the_warm_up_read_before_loading():
+    """cache.store.Bumped: the tokens a warmed value is stored under."""
+    bumped = Bumped()
+    bumped.record("v:a", "a1", "a2")
+    bumped.record("v:b", "b1", "b2")
+    bumped.record("v:b", "b2", "b3")  # the same write bumped it twice: from b1 to b3
+    named = {"v:a", "v:b", "v:n"}
+    assert bumped.replace(["v:o", "v:a", "v:b"], "o1.a1.b1", named) == "o1.a2.b3"
+    assert bumped.replace(["v:a"], "a0", named) is None  # another write bumped before ours
+    assert bumped.replace(["v:n"], "n1", named) is None  # named, but Redis failed its bump
+    bumped.record("v:a", "x9", "a4")  # another writer bumped between two of ours
+    assert bumped.replace(["v:a"], "a1", named) is None
+
+
+@in_process
 @single_redis
 def test_the_warm_up_does_nothing_while_redis_is_unreachable(admin, task, services,
                                                              redis_server):
     redis_server.kill()
     try:
-        with count_sql(services) as sql:
-            warm_after_write(services, admin.organization["id"], task["project_id"], task["id"])
+        with UnitOfWork(services) as uow, count_sql(services) as sql:
+            warm_after_write(uow, admin.organization["id"], task["project_id"], task["id"])
+            assert uow._load_to_warm() == []
         assert sql.count == 0  # no load whose value could not be stored
     finally:
         redis_server.restart()
