@@ -22,8 +22,9 @@ errors = Counter("cache_errors_total", "Cache operations that failed (served as 
                  ["operation"])
 invalidations = Counter("cache_invalidations_total", "Cache version bumps", ["entity_type", "source"])
 # After a task write (services/tasks.py warm_after_write): "stored" under the tokens the write's
-# bump set; "superseded" when another write bumped between the warm-up's lookup and the store
-# (nothing stored).
+# bump set; "reloaded" when another writer's bump came between the warm-up's lookup and the
+# write's, and the value was looked up, loaded and stored again after it; "superseded" when even
+# that store found newer tokens (nothing stored).
 warmed = Counter("cache_warmed_total", "Values loaded and stored right after a write, so that the "
                  "next reader hits", ["entity_type", "outcome"])
 # After a write's commit (services/uow.py): events the web applied whole and marked processed,

@@ -95,13 +95,17 @@ class UnitOfWork:
         which is right while the write is unanswered."""
         if not self.to_warm or not self.services.settings.warm_after_write:
             return []
+        return self._lookup_and_load(self.to_warm, only_missing=False)
+
+    def _lookup_and_load(self, targets: list[tuple[Key, Callable[[Session], Any]]], *,
+                         only_missing: bool) -> list[tuple[Lookup, Any]]:
         try:
-            lookups = self.services.cache.lookup_many([key for key, _ in self.to_warm],
+            lookups = self.services.cache.lookup_many([key for key, _ in targets],
                                                       counted=False)
-            due = [(lookup, load) for lookup, (_, load) in zip(lookups, self.to_warm)
-                   if lookup.tokens is not None]  # Redis answered
+            due = [(lookup, load) for lookup, (_, load) in zip(lookups, targets)
+                   if lookup.tokens is not None and not (only_missing and lookup.hit)]
             if not due:
-                return []
+                return []  # Redis unreachable (or nothing missing): nothing to load
             # A session of its own: the write's would answer from its objects, not the database.
             with self.services.db.session() as session:
                 return [(lookup, load(session)) for lookup, load in due]
@@ -111,13 +115,23 @@ class UnitOfWork:
 
     def _store_warmed(self, loaded: list[tuple[Lookup, Any]], bumped: Bumped,
                       named: set[str]) -> None:
+        """Each value under the tokens the bumps set; one that cannot be (another writer of the
+        same list bumped between this write's lookup and its bump, a common case on a busy
+        project) is looked up, loaded and stored again after the bumps, the way a reader
+        would: otherwise its next reader misses and loads it anyway."""
+        again = []
         try:
             for lookup, value in loaded:
                 key = lookup.key
                 tokens = bumped.replace(key.versions, lookup.tokens, named)
-                stored = tokens is not None and self.services.cache.store(Lookup(key, tokens),
-                                                                          value)
-                metrics.warmed.labels(key.family, "stored" if stored else "superseded").inc()
+                if tokens is not None and self.services.cache.store(Lookup(key, tokens), value):
+                    metrics.warmed.labels(key.family, "stored").inc()
+                else:
+                    again.append(next(target for target in self.to_warm if target[0] == key))
+            for lookup, value in self._lookup_and_load(again, only_missing=True):
+                stored = self.services.cache.store(lookup, value)
+                metrics.warmed.labels(lookup.key.family,
+                                      "reloaded" if stored else "superseded").inc()
         except Exception as exc:  # the write is committed: a failed warm-up is a later miss
             log.warning("warm-up after a write failed to store: %s", exc)
 

@@ -5,7 +5,6 @@ soaks)."""
 
 from __future__ import annotations
 
-import redis
 from sqlalchemy import select
 
 from cache.store import EVENT_MARKER_TTL, VERSION_TTL
@@ -15,8 +14,8 @@ def markers(raw) -> set[bytes]:
     return set(raw.scan_iter(match="applied:*"))
 
 
-def test_a_write_the_web_finishes_leaves_no_marker(client, admin, settings):
-    raw = redis.Redis.from_url(settings.redis_url)
+def test_a_write_the_web_finishes_leaves_no_marker(client, admin, services):
+    raw = services.redis  # a cluster client scans every master
     project = client.post("/api/projects", json={"name": "Finished"}, headers=admin.headers).json
     assert client.get(f"/api/projects/{project['id']}/stats", headers=admin.headers).status_code == 200
     before = markers(raw)
@@ -28,11 +27,11 @@ def test_a_write_the_web_finishes_leaves_no_marker(client, admin, settings):
 
 
 def test_an_event_handed_to_a_worker_is_marked_so_its_second_application_bumps_nothing(
-        client, admin, services, settings):
+        client, admin, services):
     from events.apply import apply_event
     from models import OutboxEvent
 
-    raw = redis.Redis.from_url(settings.redis_url)
+    raw = services.redis
     project = client.post("/api/projects", json={"name": "Handed"}, headers=admin.headers).json
     before = markers(raw)
     # The stats were never read: the delta finds no cached aggregate, the event goes to a worker.
@@ -53,12 +52,12 @@ def test_an_event_handed_to_a_worker_is_marked_so_its_second_application_bumps_n
     assert {name: raw.get(name) for name in versions} == versions
 
 
-def test_an_event_applied_twice_within_the_marker_ttl_bumps_once(services, settings):
-    raw = redis.Redis.from_url(settings.redis_url)
+def test_an_event_applied_twice_within_the_marker_ttl_bumps_once(services):
+    raw = services.redis
     cache = services.cache
-    assert cache.invalidate(["v:test:1"], org_ids=["o"], family="task", event_id="e1")
-    first = raw.get("v:test:1")
-    assert cache.invalidate(["v:test:1"], org_ids=["o"], family="task", event_id="e1")
-    assert raw.get("v:test:1") == first
-    assert cache.invalidate(["v:test:1"], org_ids=["o"], family="task", event_id="e2")
-    assert raw.get("v:test:1") != first
+    assert cache.invalidate(["v:{test}:1"], org_ids=["o"], family="task", event_id="e1")
+    first = raw.get("v:{test}:1")
+    assert cache.invalidate(["v:{test}:1"], org_ids=["o"], family="task", event_id="e1")
+    assert raw.get("v:{test}:1") == first
+    assert cache.invalidate(["v:{test}:1"], org_ids=["o"], family="task", event_id="e2")
+    assert raw.get("v:{test}:1") != first

@@ -114,9 +114,9 @@ def test_with_the_setting_off_the_next_reader_misses_as_before(client, admin, ta
 @pytest.mark.parametrize("second_writer_warms", [True, False], ids=["B warms", "B does not"])
 def test_a_warm_up_that_loaded_before_a_concurrent_write_never_leaves_its_older_value(
         client, admin, task, services, monkeypatch, second_writer_warms):
-    """Writer A commits and bumps; A's warm-up looks up and loads its value; writer B then
-    commits and bumps; only then does A's warm-up store. The store must go nowhere: what is
-    served afterwards is B's value, the database's."""
+    """Writer A commits; A's warm-up looks up and loads its value; writer B then commits and
+    bumps; only then does A bump. A's value must go nowhere: A loads again after its bump, and
+    what is cached and served afterwards is B's value, the database's."""
     actor, tid = as_admin(admin), task["id"]
     real_load_task = task_service.load_task
     b = {}
@@ -139,7 +139,7 @@ def test_a_warm_up_that_loaded_before_a_concurrent_write_never_leaves_its_older_
         return loading
 
     monkeypatch.setattr(task_service, "load_task", load_task)
-    superseded = warmed("task", "superseded")
+    reloaded = warmed("task", "reloaded")
     a = update_task(services, actor, tid, {"title": "A"})
     assert a["title"] == "A" and b["loaded_by_a"]["title"] == "A"  # it raced as intended
     assert b["answer"]["title"] == "B"
@@ -152,7 +152,7 @@ def test_a_warm_up_that_loaded_before_a_concurrent_write_never_leaves_its_older_
         answer = client.get(f"/api/tasks/{tid}", headers=admin.headers)
         assert answer.json == truth
     assert answer.headers["X-Cache"] in CACHED
-    assert warmed("task", "superseded") == superseded + 1  # A's store was refused
+    assert warmed("task", "reloaded") == reloaded + 1  # A's first value was refused
 
 
 @in_process
