@@ -120,7 +120,11 @@ def test_50_concurrent_cold_reads_of_one_key_load_once(admin, project, services)
                                                                     loader))
     assert len(loads) == 1
     assert all(value["name"] == "Old name" for value, _ in results)
-    assert sorted({source for _, source in results}) == ["HIT-L2", "MISS"]
+    sources = [source for _, source in results]
+    assert sources.count("MISS") == 1
+    # The others waited for the loader's value, or (a late start, seen on a Redis Cluster) found
+    # it already copied into this process's near cache.
+    assert set(sources) - {"MISS"} <= {"HIT-L2", "HIT-L1"}, sources
 
 
 def test_50_concurrent_cold_project_gets_run_one_project_query(app, admin, project, services):
