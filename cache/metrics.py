@@ -79,7 +79,6 @@ near_probes = Counter("cache_near_probes_total",
                       "was late (a busy process)")
 
 
-
 class LookupCounts:
     """Readers' lookups as hits and misses (by layer, key family and organization), counted in
     this process and added to their Prometheus series once per `interval` seconds by a thread of

@@ -3,8 +3,6 @@ row it belongs to, under that row's lock, and carried as a delta by its event.""
 
 from __future__ import annotations
 
-import logging
-
 from sqlalchemy import func, select
 
 from aggregates import Delta
@@ -22,7 +20,6 @@ from services.projects import get_project, locked_project
 from services.reads import cached
 from services.uow import UnitOfWork, retry_on_deadlock
 
-log = logging.getLogger(__name__)
 
 # -- reads --------------------------------------------------------------------------------------
 def load_task(org_id: str, task_id: str):
