@@ -60,7 +60,7 @@ def faults_markdown(results: dict) -> str:
         f"## Faults: `{results['command']}` ({results['backend']}), {results['started_at']}, "
         f"{results.get('duration_seconds', 0):.0f} s: {passed}/{len(rows)} rows pass",
         "",
-        f"Machine: {m.get('cpu')}, {m.get('cores')} cores (shared with other jobs while this ran), "
+        f"Machine: {m.get('cpu')}, {m.get('cores')} cores, "
         f"{m.get('ram_gib')} GiB RAM, kernel {m.get('kernel')}; Python {m.get('python')}, "
         f"Redis {m.get('redis')}, MariaDB {m.get('mariadb')}.",
         "",
