@@ -78,15 +78,15 @@ class UnitOfWork:
                 mark_applied(self.services, **fields, event_id=event.event_id)
             unfinished.append(event.id)
         if loaded:
-            named = {v for e in events for v in versions_for(e.kind, e.organization_id,
-                                                              e.payload)}
+            named = {version for e in events
+                     for version in versions_for(e.kind, e.organization_id, e.payload)}
             self._store_warmed(loaded, bumped, named)
         if finished:
             self._mark_processed(finished)
         if unfinished:
             self._publish(unfinished)
 
-    def _load_to_warm(self) -> list[tuple[Lookup, Any]]:
+    def _load_to_warm(self) -> list[tuple[Lookup, Callable[[Session], Any], Any]]:
         """The values to warm, loaded after commit and before the bumps, each after a lookup of
         its tokens. Stored after the bumps only under tokens the bumps derived from those (see
         `Bumped`): then every write the load missed bumps later and retires the value. Loaded
@@ -98,7 +98,8 @@ class UnitOfWork:
         return self._lookup_and_load(self.to_warm, only_missing=False)
 
     def _lookup_and_load(self, targets: list[tuple[Key, Callable[[Session], Any]]], *,
-                         only_missing: bool) -> list[tuple[Lookup, Any]]:
+                         only_missing: bool) -> list[tuple[Lookup, Callable[[Session], Any], Any]]:
+        """Each target's lookup, its loader and the value loaded (after the lookup)."""
         try:
             lookups = self.services.cache.lookup_many([key for key, _ in targets],
                                                       counted=False)
@@ -108,27 +109,27 @@ class UnitOfWork:
                 return []  # Redis unreachable (or nothing missing): nothing to load
             # A session of its own: the write's would answer from its objects, not the database.
             with self.services.db.session() as session:
-                return [(lookup, load(session)) for lookup, load in due]
+                return [(lookup, load, load(session)) for lookup, load in due]
         except Exception as exc:  # the write is committed: a failed warm-up is a later miss
             log.warning("warm-up after a write failed to load: %s", exc)
             return []
 
-    def _store_warmed(self, loaded: list[tuple[Lookup, Any]], bumped: Bumped,
-                      named: set[str]) -> None:
+    def _store_warmed(self, loaded: list[tuple[Lookup, Callable[[Session], Any], Any]],
+                      bumped: Bumped, named: set[str]) -> None:
         """Each value under the tokens the bumps set; one that cannot be (another writer of the
         same list bumped between this write's lookup and its bump, a common case on a busy
         project) is looked up, loaded and stored again after the bumps, the way a reader
         would: otherwise its next reader misses and loads it anyway."""
         again = []
         try:
-            for lookup, value in loaded:
+            for lookup, load, value in loaded:
                 key = lookup.key
                 tokens = bumped.replace(key.versions, lookup.tokens, named)
                 if tokens is not None and self.services.cache.store(Lookup(key, tokens), value):
                     metrics.warmed.labels(key.family, "stored").inc()
                 else:
-                    again.append(next(target for target in self.to_warm if target[0] == key))
-            for lookup, value in self._lookup_and_load(again, only_missing=True):
+                    again.append((key, load))
+            for lookup, _, value in self._lookup_and_load(again, only_missing=True):
                 stored = self.services.cache.store(lookup, value)
                 metrics.warmed.labels(lookup.key.family,
                                       "reloaded" if stored else "superseded").inc()
