@@ -13,6 +13,7 @@ organization's generation first: replacing it purges the whole organization in o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import zlib
 from dataclasses import dataclass
@@ -145,7 +146,14 @@ def _tenant(org_id: str, anchor: str | None, family: str, ident: str,
                (org_generation(org_id, anchor), *versions), ttl, sliding)
 
 
+# A key is built from a dozen string formats and checksums; a warm read builds two or three and
+# costs little more than that (BENCHMARKS.md), so each process keeps the keys it built last. Keys
+# are immutable, and their names are stable for given arguments.
+_remembered = functools.lru_cache(maxsize=4096)
+
+
 # Value keys: what a read looks up.
+@_remembered
 def session(org_id: str, user_id: str, session_id: str) -> Key:
     """Sliding TTL: each use extends it. The user's version is part of it so that a change of
     roles reaches live sessions at once."""
@@ -154,34 +162,41 @@ def session(org_id: str, user_id: str, session_id: str) -> Key:
                    SESSION_TTL, sliding=True)
 
 
+@_remembered
 def user(org_id: str, user_id: str) -> Key:
     return _tenant(org_id, user_id, "user", user_id, (user_version(org_id, user_id),), USER_TTL)
 
 
+@_remembered
 def organization(org_id: str) -> Key:
     return _tenant(org_id, None, "organization", org_id, (organization_version(org_id),),
                    ORGANIZATION_TTL)
 
 
+@_remembered
 def project(org_id: str, project_id: str) -> Key:
     return _tenant(org_id, project_id, "project", project_id,
                    (project_version(org_id, project_id),), PROJECT_TTL)
 
 
+@_remembered
 def task(org_id: str, task_id: str) -> Key:
     return _tenant(org_id, task_id, "task", task_id, (task_version(org_id, task_id),), TASK_TTL)
 
 
+@_remembered
 def project_list(org_id: str, *, status: str | None, limit: int, cursor: str | None) -> Key:
     return _tenant(org_id, None, "project_list", _query(status=status, limit=limit, cursor=cursor),
                    (org_projects_version(org_id),), PROJECT_TTL)
 
 
+@_remembered
 def member_list(org_id: str, *, limit: int, cursor: str | None) -> Key:
     return _tenant(org_id, None, "member_list", _query(limit=limit, cursor=cursor),
                    (org_users_version(org_id),), USER_TTL)
 
 
+@_remembered
 def project_tasks(org_id: str, project_id: str, *, status: str | None, assignee_id: str | None,
                   limit: int, cursor: str | None) -> Key:
     ident = f"{project_id}:" + _query(status=status, assignee=assignee_id, limit=limit,
@@ -191,6 +206,7 @@ def project_tasks(org_id: str, project_id: str, *, status: str | None, assignee_
                    TASK_LIST_TTL)
 
 
+@_remembered
 def user_tasks(org_id: str, user_id: str, *, status: str | None, limit: int,
                cursor: str | None) -> Key:
     ident = f"{user_id}:" + _query(status=status, limit=limit, cursor=cursor)
@@ -198,6 +214,7 @@ def user_tasks(org_id: str, user_id: str, *, status: str | None, limit: int,
                    (user_tasks_version(org_id, user_id),), TASK_LIST_TTL)
 
 
+@_remembered
 def task_comments(org_id: str, task_id: str, *, limit: int, cursor: str | None) -> Key:
     ident = f"{task_id}:" + _query(limit=limit, cursor=cursor)
     return _tenant(org_id, task_id, "comment_list", ident,
@@ -205,6 +222,7 @@ def task_comments(org_id: str, task_id: str, *, limit: int, cursor: str | None) 
                    TASK_LIST_TTL)
 
 
+@_remembered
 def notifications(org_id: str, user_id: str, *, unread: bool, limit: int,
                   cursor: str | None) -> Key:
     ident = f"{user_id}:" + _query(unread=unread, limit=limit, cursor=cursor)
@@ -213,12 +231,14 @@ def notifications(org_id: str, user_id: str, *, unread: bool, limit: int,
                    NOTIFICATION_TTL)
 
 
+@_remembered
 def unread_count(org_id: str, user_id: str) -> Key:
     return _tenant(org_id, user_id, "unread_count", user_id,
                    (user_notifications_version(org_id, user_id),),
                    NOTIFICATION_TTL)
 
 
+@_remembered
 def config(name: str) -> Key:
     """Process-wide configuration: not tenant data, read through L1 first."""
     return Key("config", f"g:{config_tag(name)}:config", (config_version(name),), CONFIG_TTL)
