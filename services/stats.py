@@ -4,6 +4,7 @@ once per key however many requests miss together."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import time
 
 from aggregates import PROJECT_STATS, USER_STATS, Aggregate, Snapshot, StatsRead
@@ -27,6 +28,7 @@ def needs_recount(snap: Snapshot) -> bool:
     return (snap.stale and snap.stalled >= GAP_PATIENCE) or 0 <= snap.ttl < REFRESH_AHEAD
 
 
+@functools.lru_cache(maxsize=1024)  # a hot project's stats are served many times per recount
 def _iso(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
