@@ -21,6 +21,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
                       SEND_FILE_MAX_AGE_DEFAULT=3600)
     app.json.sort_keys = False
     app.session_interface = _NoCookieSession()
+    from web.endpoint import UUIDText
+
+    app.url_map.converters["uuid"] = UUIDText
     services = services or build_services(settings)
     app.extensions["taskcache"] = services
     _attach_worker(app, services)
