@@ -148,6 +148,49 @@ def test_lookup_counts_reach_their_series_within_the_interval_without_a_scrape()
     assert series("cache_misses_total") == 1
 
 
+
+def test_a_forked_worker_counts_only_its_own_lookups():
+    """A gunicorn worker is forked from a process that may have counted: the parent's counts,
+    not yet flushed, are the parent's to add; the child flushes its own, with a thread of its own."""
+    import os
+    import uuid
+
+    from prometheus_client import REGISTRY
+
+    from cache.metrics import LookupCounts
+
+    counts = LookupCounts(interval=60)  # the parent's counts wait for its flusher
+    family = f"test_{uuid.uuid4().hex[:8]}"
+    for _ in range(3):
+        counts.add("redis", family, True)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the worker
+        import time
+
+        counts.interval = 0.05
+        counts.add("redis", family, True)
+        deadline = time.monotonic() + 10
+        value = 0.0
+        while time.monotonic() < deadline:
+            value = REGISTRY.get_sample_value("cache_hits_total", {
+                "cache_layer": "redis", "entity_type": family}) or 0.0
+            if value:
+                time.sleep(0.2)  # a wrong count would show by now too
+                value = REGISTRY.get_sample_value("cache_hits_total", {
+                    "cache_layer": "redis", "entity_type": family})
+                break
+            time.sleep(0.02)
+        os.write(write, str(value).encode())
+        os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    reported = os.read(read, 64).decode()
+    os.close(read)
+    assert status == 0
+    assert float(reported) == 1.0
+
+
 # -- purge ---------------------------------------------------------------------------------------------
 def test_purging_the_cache_purges_only_the_callers_organization(client, sign_up):
     a, b = sign_up("A"), sign_up("B")
