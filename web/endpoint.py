@@ -3,13 +3,13 @@ the answer is cached by clients. Views receive validated input and return (data,
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from functools import wraps
 from typing import Any, Callable
 
 import orjson
+import xxhash
 from flask import Blueprint, Response, current_app, request
 from pydantic import BaseModel, ValidationError
 from werkzeug.routing import UUIDConverter
@@ -118,7 +118,9 @@ def respond(result: Any, op: Operation) -> Response:
     body = orjson.dumps(data)
     if op.method != "GET":
         return Response(body, status=op.status, mimetype=JSON)
-    etag = '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
+    # xxh3: a list page's ETag took 26 us with blake2b, half a microsecond with it; an ETag needs
+    # no resistance to an attacker, only to accidental collisions (128 bits).
+    etag = '"' + xxhash.xxh3_128_hexdigest(body) + '"'
     # Headers given at once: each one set afterwards is validated and searched for again.
     headers = [("ETag", etag), ("Cache-Control", PUBLIC_CACHING if op.public else PRIVATE_CACHING)]
     if source:
