@@ -146,10 +146,11 @@ def _tenant(org_id: str, anchor: str | None, family: str, ident: str,
                (org_generation(org_id, anchor), *versions), ttl, sliding)
 
 
-# A key is built from a dozen string formats and checksums; a warm read builds two or three and
-# costs little more than that (BENCHMARKS.md), so each process keeps the keys it built last. Keys
-# are immutable, and their names are stable for given arguments.
-_remembered = functools.lru_cache(maxsize=4096)
+# A key is built from a dozen string formats and checksums, and a warm read built four: 21 of a
+# warm task GET's 146 us (BENCHMARKS.md). So each process keeps the last 1,024 keys of each family
+# (about 0.8 KB each: under 11 MB if every family filled). Keys are immutable, and their names are
+# stable for given arguments; a key no longer kept is only built again.
+_remembered = functools.lru_cache(maxsize=1024)
 
 
 # Value keys: what a read looks up.
