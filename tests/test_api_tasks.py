@@ -197,6 +197,17 @@ def test_a_comment_body_of_exactly_ten_thousand_characters_is_kept_whole(client,
                       headers=admin.headers).json["items"][0]["body"] == text
 
 
+def test_an_id_in_capitals_names_the_same_task_and_its_cached_copy(client, admin, project):
+    """A UUID's letters may come in either case: the answer, and the cache key behind it, are
+    those of its canonical lowercase form (a write through one spelling is read through both)."""
+    task = make_task(client, admin.headers, project["id"], title="Before")
+    shouting = f"/api/tasks/{task['id'].upper()}"
+    assert client.get(shouting, headers=admin.headers).json == task
+    edited = client.patch(shouting, headers=admin.headers, json={"title": "After"})
+    assert edited.status_code == 200 and edited.json["id"] == task["id"]
+    for path in (shouting, f"/api/tasks/{task['id']}"):
+        assert client.get(path, headers=admin.headers).json["title"] == "After"
+
 def test_unknown_task_ids_are_404_on_every_task_route(client, admin):
     url = f"/api/tasks/{random_id()}"
     for method, path, body in [("GET", url, None), ("PATCH", url, {"title": "x"}),
