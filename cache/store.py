@@ -110,23 +110,56 @@ return 0
 """
 
 # Bump version keys unless this event was applied already (the web process applies it after
-# commit, the worker again from the outbox: whichever comes second changes nothing).
-# KEYS: the version keys of one hash slot, then that slot's marker of the event (or none).
-# ARGV: token seed, version TTL, '1' when a marker is given, the marker's TTL.
-# Returns {1, the tokens it replaced...} ({0} if already applied): a warm-up after the write
-# checks them against the tokens it saw before loading (UnitOfWork.warm).
+# commit, the worker again from the outbox: whichever comes second changes nothing), and store with
+# them the values a write's warm-up loaded before: in one script, so no reader finds such a key
+# retired and not yet stored again. A value is stored only if its version tokens were, before the
+# bumps, those its warm-up expects (no other writer bumped since it looked them up before loading);
+# it gets the tokens they have after the bumps.
+# KEYS: the version keys of one hash slot, that slot's marker of the event (or none), then per
+# value of the slot its version keys and its key.
+# ARGV: token seed, version TTL, '1' when a marker is given, the marker's TTL, the number of version
+# keys, then per value: its number of version keys, the tokens expected, its blob, its TTL.
+# Returns {1, the tokens it replaced..., then per value 1 if stored} ({0} if already applied): a
+# warm-up not stored here checks the replaced tokens against those it saw (UnitOfWork.warm).
 _BUMP = """
-local n = #KEYS
+local n = tonumber(ARGV[5])
+local at = n + 1
 if ARGV[3] == '1' then
-  n = n - 1
-  if redis.call('SET', KEYS[#KEYS], '1', 'NX', 'EX', ARGV[4]) == false then return {0} end
+  at = at + 1
+  if redis.call('SET', KEYS[n + 1], '1', 'NX', 'EX', ARGV[4]) == false then return {0} end
 end
-local replaced = {1}
+local values = {}
+for arg = 6, #ARGV, 4 do
+  local m, parts = tonumber(ARGV[arg]), {}
+  for i = 1, m do parts[i] = redis.call('GET', KEYS[at + i - 1]) or '' end
+  values[#values + 1] = {at, m, table.concat(parts, '.') == ARGV[arg + 1], arg}
+  at = at + m + 1
+end
+local reply = {1}
 for i = 1, n do
-  replaced[i + 1] = redis.call('SET', KEYS[i], ARGV[1] .. i, 'EX', ARGV[2], 'GET')
+  reply[i + 1] = redis.call('SET', KEYS[i], ARGV[1] .. i, 'EX', ARGV[2], 'GET')
 end
-return replaced
+for _, v in ipairs(values) do
+  local first, m, current, arg = v[1], v[2], v[3], v[4]
+  if current then
+    local parts = {}
+    for i = 1, m do parts[i] = redis.call('GET', KEYS[first + i - 1]) end
+    redis.call('SET', KEYS[first + m], table.concat(parts, '.') .. '|' .. ARGV[arg + 2],
+               'EX', ARGV[arg + 3])
+  end
+  reply[#reply + 1] = current and 1 or 0
+end
+return reply
 """
+
+
+@dataclass
+class WarmStore:
+    """A value a write's warm-up loaded, to be stored with the write's bumps (see _BUMP)."""
+
+    key: Key
+    tokens: str  # what its version tokens must be just before the bumps
+    blob: bytes
 
 
 class Bumped:
@@ -137,6 +170,11 @@ class Bumped:
 
     def __init__(self) -> None:
         self._tokens: dict[str, tuple[str | None, str]] = {}
+        self.to_store: list[WarmStore] = []  # stored by the next bumps (`RedisCache.invalidate`)
+        self.stored: set[str] = set()  # names of the values those bumps stored
+
+    def store_with_next_bumps(self, key: Key, tokens: str, value: Any) -> None:
+        self.to_store.append(WarmStore(key, tokens, codec.encode(value)))
 
     def record(self, version: str, old: str | None, new: str) -> None:
         earlier = self._tokens.get(version)
@@ -582,13 +620,24 @@ class RedisCache:
         by_slot: dict[str, list[str]] = {}
         for version in versions:
             by_slot.setdefault(hash_tag(version), []).append(version)
+        values: dict[str, list[WarmStore]] = {}
+        if bumped is not None and event_id is None:
+            for value in bumped.to_store:
+                values.setdefault(hash_tag(value.key.name), []).append(value)
+                by_slot.setdefault(hash_tag(value.key.name), [])
+            bumped.to_store = []  # tried once: a value not stored here is the caller's to store
         token = _token()
         for attempt in (1, 2):
             pipe = self.client.pipeline(transaction=False)
             for tag, names in by_slot.items():
                 marked = [*names, event_marker(tag, event_id)] if event_id else names
-                queue_evalsha(pipe, self._bump.sha, marked,
-                              [token, VERSION_TTL, "1" if event_id else "0", EVENT_MARKER_TTL])
+                stores = values.get(tag, ())
+                queue_evalsha(
+                    pipe, self._bump.sha,
+                    [*marked, *(k for v in stores for k in (*v.key.versions, v.key.name))],
+                    [token, VERSION_TTL, "1" if event_id else "0", EVENT_MARKER_TTL, len(names),
+                     *(a for v in stores for a in (len(v.key.versions), v.tokens, v.blob,
+                                                   v.key.ttl))])
             try:
                 replies = pipe.execute()
             except redis.exceptions.NoScriptError:
@@ -596,12 +645,15 @@ class RedisCache:
                     raise
                 self.client.script_load(_BUMP)
                 continue
-            if bumped is not None:
-                for names, reply in zip(by_slot.values(), replies):
+            for (tag, names), reply in zip(by_slot.items(), replies):
+                if bumped is not None and int(reply[0]):
                     for i, (name, old) in enumerate(zip(names, reply[1:]), start=1):
                         bumped.record(name, old.decode() if isinstance(old, bytes) else old,
                                       f"{token}{i}")
-            return any(int(reply[0]) for reply in replies)
+                    for value, done in zip(values.get(tag, ()), reply[1 + len(names):]):
+                        if int(done):
+                            bumped.stored.add(value.key.name)
+            return any(int(reply[0]) for names, reply in zip(by_slot.values(), replies) if names)
         raise AssertionError("unreachable")
 
     def mark_applied(self, versions: Iterable[str], event_id: str) -> None:

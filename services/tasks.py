@@ -95,12 +95,12 @@ def warm_after_write(uow: UnitOfWork, org_id: str, project_id: str,
     most: the task (`task_id`; None after a delete) and the first page of its project's task
     list as a read without query parameters gets it. Call it before the commit.
 
-    The values are loaded from committed data before the bumps and stored right after them,
-    only if no other write bumped in between (UnitOfWork.warm, cache.store.Bumped): a reader
-    never finds the key retired and not yet stored again, and a value stored under current
-    tokens was loaded after every write whose bump came before. No single-flight lock: a reader
-    loading the same key at once stores the same committed data. With Redis unavailable it
-    does nothing; no error of its own reaches the write, which is committed.
+    The values are loaded from committed data before the bumps and stored by the bumps' own
+    script, only if no other write bumped in between (UnitOfWork.warm, cache.store._BUMP): a
+    reader never finds the key retired and not yet stored again, and a value stored under
+    current tokens was loaded after every write whose bump came before. No single-flight
+    lock: a reader loading the same key at once stores the same committed data. With Redis
+    unavailable it does nothing; no error of its own reaches the write, which is committed.
     """
     if not uow.services.cache.enabled:
         return

@@ -66,9 +66,13 @@ class UnitOfWork:
         loaded = self._load_to_warm()
         bumped = Bumped()
         finished, unfinished = [], []
-        for event in events:
+        named: set[str] = set()
+        for i, event in enumerate(events):
             fields = {"kind": event.kind, "org_id": event.organization_id,
                       "payload": event.payload}
+            if i == len(events) - 1:
+                self._store_with_last_bumps(loaded, bumped, named)
+            named.update(versions_for(event.kind, event.organization_id, event.payload))
             result = apply_event(self.services, **fields, event_id=None, source="web",
                                  written_at=event.created_at, bumped=bumped)
             if is_finished(result):
@@ -78,8 +82,6 @@ class UnitOfWork:
                 mark_applied(self.services, **fields, event_id=event.event_id)
             unfinished.append(event.id)
         if loaded:
-            named = {version for e in events
-                     for version in versions_for(e.kind, e.organization_id, e.payload)}
             self._store_warmed(loaded, bumped, named)
         if finished:
             self._mark_processed(finished)
@@ -88,11 +90,10 @@ class UnitOfWork:
 
     def _load_to_warm(self) -> list[tuple[Lookup, Callable[[Session], Any], Any]]:
         """The values to warm, loaded after commit and before the bumps, each after a lookup of
-        its tokens. Stored after the bumps only under tokens the bumps derived from those (see
-        `Bumped`): then every write the load missed bumps later and retires the value. Loaded
-        first, only a round trip is left between the bump and the store, where readers of the
-        retired key miss (it was a database load); until the bump they read the old value,
-        which is right while the write is unanswered."""
+        its tokens. Stored by the bumps' own script, and only if no other write bumped since
+        that lookup (cache.store._BUMP, `Bumped`): then every write the load missed bumps later
+        and retires the value, and no reader finds the key retired and not yet stored. Until
+        the bump readers read the old value, which is right while the write is unanswered."""
         if not self.to_warm or not self.services.settings.warm_after_write:
             return []
         return self._lookup_and_load(self.to_warm, only_missing=False)
@@ -114,16 +115,29 @@ class UnitOfWork:
             log.warning("warm-up after a write failed to load: %s", exc)
             return []
 
+    @staticmethod
+    def _store_with_last_bumps(loaded: list[tuple[Lookup, Callable[[Session], Any], Any]],
+                               bumped: Bumped, named: set[str]) -> None:
+        """Have the last event's bump script store the loaded values (cache.store._BUMP) under
+        the tokens the earlier events' bumps left, if those bumps were this write's alone."""
+        for lookup, _, value in loaded:
+            tokens = bumped.replace(lookup.key.versions, lookup.tokens, named)
+            if tokens is not None:
+                bumped.store_with_next_bumps(lookup.key, tokens, value)
+
     def _store_warmed(self, loaded: list[tuple[Lookup, Callable[[Session], Any], Any]],
                       bumped: Bumped, named: set[str]) -> None:
-        """Each value under the tokens the bumps set; one that cannot be (another writer of the
-        same list bumped between this write's lookup and its bump, a common case on a busy
-        project) is looked up, loaded and stored again after the bumps, the way a reader
-        would: otherwise its next reader misses and loads it anyway."""
+        """Each value the bumps did not store, under the tokens they set; one that cannot be
+        (another writer of the same list bumped between this write's lookup and its bump, a
+        common case on a busy project) is looked up, loaded and stored again after the bumps,
+        the way a reader would: otherwise its next reader misses and loads it anyway."""
         again = []
         try:
             for lookup, load, value in loaded:
                 key = lookup.key
+                if key.name in bumped.stored:
+                    metrics.warmed.labels(key.family, "stored").inc()
+                    continue
                 tokens = bumped.replace(key.versions, lookup.tokens, named)
                 if tokens is not None and self.services.cache.store(Lookup(key, tokens), value):
                     metrics.warmed.labels(key.family, "stored").inc()

@@ -156,12 +156,15 @@ def test_a_warm_up_that_loaded_before_a_concurrent_write_never_leaves_its_older_
 
 
 @in_process
-def test_the_warm_up_loads_before_the_bump_so_no_reader_waits_on_the_database_between(
+def test_a_reader_right_after_the_writes_bump_hits_the_new_values(
         client, admin, task, services, monkeypatch):
-    """Between a write's bump and its warm-up's store, every reader of the page misses. The
-    page is loaded from committed data before the bump, so only a round trip is left between
-    the two; the value is stored under the tokens the bump set."""
-    order = []
+    """The page and the task are loaded from committed data before the bump and stored by the
+    bump's own script: no reader finds them retired and not yet stored again, not even one whose
+    lookup comes right after the bump (here: before the bump's caller goes on)."""
+    order, seen = [], {}
+    org_id, project_id = admin.organization["id"], task["project_id"]
+    page_key = keys.project_tasks(org_id, project_id, status=None, assignee_id=None,
+                                  limit=task_service.DEFAULT_LIMIT, cursor=None)
     real_load_page = task_service.load_tasks_page
     invalidate = services.cache.invalidate
 
@@ -169,17 +172,22 @@ def test_the_warm_up_loads_before_the_bump_so_no_reader_waits_on_the_database_be
         load = real_load_page(*args)
         return lambda db: order.append("load") or load(db)
 
-    def bump(*args, **kwargs):
+    def bump_then_read(*args, **kwargs):
         order.append("bump")
-        return invalidate(*args, **kwargs)
+        done = invalidate(*args, **kwargs)
+        seen["page"], seen["task"] = services.cache.lookup_many(
+            [page_key, keys.task(org_id, task["id"])], counted=False)
+        return done
 
     monkeypatch.setattr(task_service, "load_tasks_page", load_tasks_page)
-    monkeypatch.setattr(services.cache, "invalidate", bump)
+    monkeypatch.setattr(services.cache, "invalidate", bump_then_read)
     update_task(services, as_admin(admin), task["id"], {"title": "After"})
     assert order[:2] == ["load", "bump"], order
-    page = client.get(f"/api/projects/{task['project_id']}/tasks", headers=admin.headers)
-    assert page.headers["X-Cache"] in CACHED
-    assert [t["title"] for t in page.json["items"] if t["id"] == task["id"]] == ["After"]
+    assert seen["page"].hit and seen["task"].hit
+    assert [t["title"] for t in seen["page"].value["items"] if t["id"] == task["id"]] == ["After"]
+    assert seen["task"].value == in_database(services, task["id"])
+    page = client.get(f"/api/projects/{project_id}/tasks", headers=admin.headers)
+    assert page.headers["X-Cache"] in CACHED and page.json == seen["page"].value
 
 
 def test_bumped_tokens_replace_only_what_the_warm_up_read_before_loading():
