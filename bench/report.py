@@ -90,7 +90,7 @@ def ratios(r: dict) -> dict:
         "freshness_p99_ms": _get(c, "mixed", "freshness", "p99_ms"),
         "recomputes_per_1000_writes": _get(c, "burst", "recomputes_per_1000"),
     }
-    for name in ("task", "list", "floor"):
+    for name in ("task", "list", "floor", "floor_authenticated"):
         out[f"{name}_vs_health_rps"] = vs_health(c.get(name), "rps")
         out[f"{name}_vs_health_p99"] = vs_health(c.get(name), "p99_ms")
     for name in ("stats_small", "stats_big", "task", "list"):
@@ -240,6 +240,13 @@ def markdown(r: dict) -> str:
             f"`/api/public/feature-flags`) vs `/health`: throughput | {_rps(floor.get('rps'))} | "
             f"{_rps(floor.get('paired_health', health).get('rps'))} | "
             f"{_x(q['floor_vs_health_rps'])} | |")
+    floor = c.get("floor_authenticated")
+    if floor:
+        lines.append(
+            f"| Floor of an authenticated read (the token, the session and one copy, all in the "
+            f"process: `/api/orgs/current`) vs `/health`: throughput | {_rps(floor.get('rps'))} | "
+            f"{_rps(floor.get('paired_health', health).get('rps'))} | "
+            f"{_x(q['floor_authenticated_vs_health_rps'])} | |")
     rows = (("stats_small", "small_stats", f"Stats, {d.get('tasks_per_project'):,}-task project"),
             ("stats_big", "big_stats", f"Stats, {d.get('big_project_tasks'):,}-task project"),
             ("task", "task", "Task GET (entity)"), ("list", "list", "Task list, first page (50)"))

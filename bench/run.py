@@ -33,6 +33,8 @@ RESULTS = PROJECT_ROOT / "bench" / "results"
 LOG_DIR = PROJECT_ROOT / "var" / "bench"  # the stacks' logs of the last run
 # The cheapest read that touches the cache: one per-process copy, no token to check.
 FLOOR_PATH = "/api/public/feature-flags"
+# The cheapest authenticated read: the token, the session and one copy, all in the process.
+AUTH_FLOOR_PATH = "/api/orgs/current"
 MARIADB_ADMIN_URL = os.environ.get("BENCH_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306")
 TOKEN_TTL = 86_400
 ZIPF_S = 1.1
@@ -247,6 +249,10 @@ class Bench:
             # The floor of any cached read: one value from the process's own memory, no token.
             self.warm(FLOOR_PATH, "")
             out["floor"] = paired("floor: feature flags (no token)", FLOOR_PATH)
+            # ... and of an authenticated one, which every read above pays on top of its own.
+            self.warm(AUTH_FLOOR_PATH, self.token0)
+            out["floor_authenticated"] = paired("floor: the caller's organization",
+                                                AUTH_FLOOR_PATH, self.token0)
             out["health_after"] = self.measure("/health (again)", "/health")
             out["mixed"] = self.mixed()
             out["staleness"] = self.staleness(stack)

@@ -6,6 +6,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from cache import keys
+from cache.store import Lookup
 from events import ORGANIZATION_UPDATED, USER_CREATED, USER_UPDATED
 from models import Organization, User, new_id
 from services import present
@@ -23,8 +24,10 @@ def load_organization(org_id: str):
     return load
 
 
-def get_organization(services: Services, actor: Actor) -> tuple[dict, str]:
-    return cached(services, keys.organization(actor.org_id), load_organization(actor.org_id))
+def get_organization(services: Services, actor: Actor,
+                     lookup: Lookup | None = None) -> tuple[dict, str]:
+    return cached(services, keys.organization(actor.org_id), load_organization(actor.org_id),
+                  lookup)
 
 
 def update_organization(services: Services, actor: Actor, *, name: str) -> dict:

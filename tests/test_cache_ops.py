@@ -29,6 +29,7 @@ def cost(client, services, url, headers) -> tuple[int, int, str]:
     ("/api/projects/{id}/tasks", 2),    # session + project (404 check), then the list
     ("/api/projects/{id}/stats", 1),    # session + project + stats hash, together
     ("/api/me", 3),                     # session + user + organization
+    ("/api/orgs/current", 1),           # session + organization, prefetched together
 ])
 def test_a_warm_hot_request_never_touches_the_database(client, admin, project, services, path,
                                                        max_trips):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, request
 
+from cache import keys
 from services import auth, directory, tasks
 from services.stats import user_stats
 from web import schemas as s
@@ -43,10 +44,14 @@ def me(services, actor):
     return directory.me(services, actor)
 
 
+def _organization_key(services, org_id: str, path: dict) -> list:
+    return [keys.organization(org_id)]
+
+
 @endpoint(bp, "GET", "/api/orgs/current", summary="The caller's organization",
-          response=s.Organization)
-def current_org(services, actor):
-    return directory.get_organization(services, actor)
+          response=s.Organization, prefetch=_organization_key)
+def current_org(services, actor, lookups):
+    return directory.get_organization(services, actor, lookups[0])
 
 
 @endpoint(bp, "PATCH", "/api/orgs/current", summary="Rename the organization (admin)",
