@@ -157,6 +157,7 @@ class FreshnessProbe(threading.Thread):
         self.count, self.interval, self.timeout = count, interval, timeout
         self.from_send: list[float] = []
         self.from_ack: list[float] = []
+        self.answered: list[float] = []  # the write's own latency: sent to answered
         self.polls: list[int] = []
         self.timeouts = 0
         self.errors: list[str] = []
@@ -206,6 +207,7 @@ class FreshnessProbe(threading.Thread):
             if seen == expected:
                 self.from_send.append(now - sent)
                 self.from_ack.append(now - acked)
+                self.answered.append(acked - sent)
                 self.polls.append(polls)
                 return
             if now - sent > self.timeout:
@@ -225,6 +227,8 @@ class FreshnessProbe(threading.Thread):
                 "max_ms": pct(self.from_send, 1.0),
                 "from_ack_p50_ms": pct(self.from_ack, 0.50),
                 "from_ack_p99_ms": pct(self.from_ack, 0.99),
+                "answer_p50_ms": pct(self.answered, 0.50),
+                "answer_p99_ms": pct(self.answered, 0.99),
                 "first_poll_share": round(sum(1 for p in self.polls if p == 1)
                                           / len(self.polls), 3) if self.polls else None,
                 "errors": self.errors[:5]}

@@ -138,6 +138,22 @@ def _x(v, digits=2) -> str:
     return f"{v:.{digits}f}x"
 
 
+def _write_cost_row(mx: dict, health: dict) -> str:
+    """A write's cost in reads of the mix, from the two mixed runs (with and without writes):
+    per request the mix takes (1 - s) reads and s writes. And what the 0.5x target allows."""
+    share = mx.get("write_share") or 0
+    mixed, reads, base = (_get(mx, "load", "rps"), _get(mx, "reads_only", "rps"),
+                          health.get("rps"))
+    if not (share and mixed and reads and base):
+        return "| Mixed: one write's cost in reads | n/a | | | |"
+    read = 1 / reads
+    cost = (1 / mixed - (1 - share) * read) / share / read
+    allowed = (1 / (TARGETS["mixed_vs_health_rps"][1] * base) - (1 - share) * read) / share / read
+    return (f"| Mixed: one write's cost in reads of the mix (from the runs with and without its "
+            f"writes; the 0.5x target allows {max(allowed, 0):.1f} at this read cost) | "
+            f"{cost:.1f} reads | | | |")
+
+
 def _rps(v) -> str:
     return "n/a" if v is None else f"{v:,.0f} req/s"
 
@@ -274,6 +290,7 @@ def markdown(r: dict) -> str:
         f"| Mixed without its writes (the same reads, 0% writes): throughput vs `/health` | "
         f"{_rps(_get(mx, 'reads_only', 'rps'))} | {_rps(health.get('rps'))} | "
         f"{_x(q.get('mixed_reads_only_vs_health_rps'))} | |",
+        _write_cost_row(mx, health),
         f"| Mixed: p50 / p99 (p99 vs `/health`) | {_ms(load.get('p50_ms'))} / "
         f"{_ms(load.get('p99_ms'))} | {_ms(health.get('p50_ms'))} / "
         f"{_ms(health.get('p99_ms'))} | {_x(q['mixed_vs_health_p99'])} slower | |",
@@ -282,10 +299,19 @@ def markdown(r: dict) -> str:
         f"| Stats freshness, write sent to visible: p50 / p99 ({fresh.get('samples')} probes "
         f"under the mixed load; visible at the first read after the write's answer: "
         f"{_pct(fresh.get('first_poll_share'))}; from the answer: "
-        f"{_ms(fresh.get('from_ack_p50_ms'))} / {_ms(fresh.get('from_ack_p99_ms'))}) | "
+        f"{_ms(fresh.get('from_ack_p50_ms'))} / {_ms(fresh.get('from_ack_p99_ms'))}; the "
+        f"write's own answer: {_ms(fresh.get('answer_p50_ms'))} / "
+        f"{_ms(fresh.get('answer_p99_ms'))}) | "
         f"{_ms(fresh.get('p50_ms'))} / {_ms(fresh.get('p99_ms'))} | | | "
         f"{_met(r, 'freshness_p99_ms')} |",
     ]
+    rest = mx.get("freshness_at_rest")
+    if rest:
+        lines.append(
+            f"| Stats freshness at rest (the same probe with no other load; the write's own "
+            f"answer: {_ms(rest.get('answer_p50_ms'))} / {_ms(rest.get('answer_p99_ms'))}; "
+            f"visible at the first read after it: {_pct(rest.get('first_poll_share'))}): "
+            f"p50 / p99 | {_ms(rest.get('p50_ms'))} / {_ms(rest.get('p99_ms'))} | | | |")
     families = ", ".join(f"{f} {_pct(v.get('hit_rate'))}" for f, v in
                          (rates.get("overall", {}).get("families") or {}).items())
     if families:

@@ -305,6 +305,16 @@ class Bench:
             f"{without_writes.p99_ms:.2f} ms; /health around both mixed runs "
             f"{paired.rps:,.1f} req/s (mixed {result.rps / paired.rps:.2f}x, without writes "
             f"{without_writes.rps / paired.rps:.2f}x)")
+        # The same probe with nothing else running: what the mechanism takes, apart from the
+        # queue a write waits in on a saturated machine.
+        at_rest = probes.FreshnessProbe(self.stack.base, self.token0, self.data.probe.id,
+                                        probe_task, count=count, interval=0.02)
+        at_rest.start()
+        at_rest.join(timeout=120)
+        rest = at_rest.report()
+        log(f"  freshness at rest: p50 {rest['p50_ms']} ms p99 {rest['p99_ms']} ms (the write's "
+            f"answer p99 {rest['answer_p99_ms']} ms; under the mixed load "
+            f"{fresh['answer_p99_ms']} ms)")
         inline = probes.summed(before, after, "stats_inline_computations_total")
         seconds = result.as_dict().get("seconds") or self.load.seconds * 2
         recounts = {"web": probes.summed(before, after, "stats_recomputes_total", by="reason"),
@@ -313,6 +323,7 @@ class Bench:
         log(f"  inline stats computations (cold misses): {inline:g} in {seconds:g} s "
             f"({inline * 3600 / seconds:,.0f} per hour); recounts by reason {recounts}")
         return {"load": result.as_dict(), "hit_rates": rates, "freshness": fresh,
+                "freshness_at_rest": rest,
                 "reads_only": without_writes.as_dict(), "paired_health": paired.as_dict(),
                 "inline_computations": inline, "inline_seconds": seconds,
                 "inline_per_hour": round(inline * 3600 / seconds, 1),
