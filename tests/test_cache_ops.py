@@ -3,6 +3,7 @@ hot request, /health/cache, /metrics, and the per-organization purge."""
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from tests.cache_helpers import CACHED, count_round_trips, count_sql
@@ -60,6 +61,34 @@ def test_a_hot_request_read_twice_costs_no_round_trip(client, admin, project, se
     client.get(url, headers=admin.headers)
     sql, trips, source = cost(client, services, url, admin.headers)
     assert (sql, trips, source) == (0, 0, "HIT-L1")
+
+
+def test_a_warm_list_page_is_encoded_once_per_cached_copy(client, admin, project, services,
+                                                           monkeypatch):
+    """A large page served from the near cache is the same object each time: its JSON and ETag
+    are made once, and a write (a new copy) gets new ones."""
+    from web import endpoint
+
+    url = f"/api/projects/{project['id']}/tasks"
+    tasks = [client.post(url, json={"title": f"Task {i}", "description": "d" * 300},
+                         headers=admin.headers).json for i in range(12)]
+    services.cache.near.trust_window = 30  # a busy test machine may delay a heartbeat
+    first = client.get(url, headers=admin.headers)
+    assert len(first.get_data()) >= 4096  # kept encoded from that size (web.endpoint)
+    encodings = []
+    monkeypatch.setattr(endpoint, "orjson", type("Counting", (), {"dumps": staticmethod(
+        lambda data: encodings.append(data) or orjson.dumps(data))}))
+    again = [client.get(url, headers=admin.headers) for _ in range(3)]
+    assert [a.headers["X-Cache"] for a in again[1:]] == ["HIT-L1", "HIT-L1"]
+    assert len(encodings) <= 1  # the first may have read Redis: a new copy
+    assert {a.get_data() for a in again} == {first.get_data()}
+    assert {a.headers["ETag"] for a in again} == {first.headers["ETag"]}
+    patched = client.patch(f"/api/tasks/{tasks[0]['id']}", json={"title": "Renamed"},
+                           headers=admin.headers)
+    assert patched.status_code == 200
+    after = client.get(url, headers=admin.headers)
+    assert after.headers["ETag"] != first.headers["ETag"]
+    assert [t["title"] for t in after.json["items"] if t["id"] == tasks[0]["id"]] == ["Renamed"]
 
 
 def test_a_flag_read_from_l1_costs_no_round_trip(client, services):
