@@ -122,6 +122,27 @@ class _Tracker:
 _HANDLED = object()  # what the invalidation handler returns to the reader
 
 
+class ByIdentity:
+    """What was derived from a value (its JSON, its parsed form), kept by the value's identity
+    while the value is served again: the near cache hands every request the same object, and
+    copies are never changed in place (requests share them). An entry holds its value, so the
+    id cannot be reused by another object while the entry is here. Bounded: cleared when full
+    (values read from Redis are new objects each time, and fill it without being seen again)."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self._found: dict[int, tuple[Any, Any]] = {}
+
+    def get(self, value: Any) -> Any:
+        found = self._found.get(id(value))
+        return found[1] if found is not None and found[0] is value else MISSING
+
+    def put(self, value: Any, derived: Any) -> None:
+        if len(self._found) >= self.size:
+            self._found.clear()
+        self._found[id(value)] = (value, derived)
+
+
 def deep_size(value: Any) -> int:
     """Bytes of a decoded value (dicts, lists, strings, numbers; objects by their slots), counted
     once per copy when it is kept: what the byte budget bounds."""

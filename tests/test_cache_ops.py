@@ -91,6 +91,29 @@ def test_a_warm_list_page_is_encoded_once_per_cached_copy(client, admin, project
     assert [t["title"] for t in after.json["items"] if t["id"] == tasks[0]["id"]] == ["Renamed"]
 
 
+def test_a_warm_stats_hash_is_parsed_once_per_cached_copy(client, admin, project, services,
+                                                          monkeypatch):
+    """The near cache hands each stats read the same hash: it is parsed once, and the hash a
+    write leaves is parsed anew."""
+    import aggregates
+
+    url = f"/api/projects/{project['id']}/stats"
+    services.cache.near.trust_window = 30  # a busy test machine may delay a heartbeat
+    client.get(url, headers=admin.headers)
+    parsed = []
+    real = aggregates._parse_hash
+    monkeypatch.setattr(aggregates, "_parse_hash",
+                        lambda *args: parsed.append(args[1]) or real(*args))
+    reads = [client.get(url, headers=admin.headers) for _ in range(4)]
+    assert [r.headers["X-Cache"] for r in reads[1:]] == ["HIT-L1"] * 3
+    assert len(parsed) <= 1  # the first may have read Redis: a new copy
+    assert len({r.json["total_tasks"] for r in reads}) == 1
+    client.post(f"/api/projects/{project['id']}/tasks", json={"title": "One more"},
+                headers=admin.headers)
+    after = client.get(url, headers=admin.headers)
+    assert after.json["total_tasks"] == reads[-1].json["total_tasks"] + 1
+
+
 def test_a_flag_read_from_l1_costs_no_round_trip(client, services):
     client.get("/api/public/feature-flags")
     sql, trips, source = cost(client, services, "/api/public/feature-flags", {})

@@ -14,6 +14,7 @@ from flask import Blueprint, Response, current_app, request
 from pydantic import BaseModel, ValidationError
 from werkzeug.routing import UUIDConverter
 
+from cache.near import MISSING, ByIdentity
 from services import auth
 from services.errors import DomainError, Unauthorized
 
@@ -111,26 +112,22 @@ PUBLIC_CACHING = "public, max-age=60, s-maxage=120"
 PRIVATE_CACHING = "private, no-cache"
 
 
-# The JSON and ETag of the large values served lately, by the value's identity: a warm list
-# page is the near cache's own object, served as it is, and encoding it again cost more than the
-# rest of its view. The entry holds the value, so its id cannot be reused while it is here; cached
-# values are never changed in place (the near cache shares them between requests).
-_ENCODED_MAX, _ENCODED_MIN_BYTES = 64, 4096
-_encoded: dict[int, tuple[Any, bytes, str]] = {}
+# The JSON and ETag of large values: a warm list page is the near cache's own object each time,
+# and encoding its 27 KB again cost more than the rest of its view.
+_ENCODED_MIN_BYTES = 4096
+_encoded = ByIdentity(64)
 
 
 def _encode(data: Any) -> tuple[bytes, str]:
-    found = _encoded.get(id(data))
-    if found is not None and found[0] is data:
-        return found[1], found[2]
+    found = _encoded.get(data)
+    if found is not MISSING:
+        return found
     body = orjson.dumps(data)
     # xxh3: a list page's ETag took 26 us with blake2b, half a microsecond with it; an ETag needs
     # no resistance to an attacker, only to accidental collisions (128 bits).
     etag = '"' + xxhash.xxh3_128_hexdigest(body) + '"'
     if len(body) >= _ENCODED_MIN_BYTES:
-        if len(_encoded) >= _ENCODED_MAX:
-            _encoded.clear()
-        _encoded[id(data)] = (data, body, etag)
+        _encoded.put(data, (body, etag))
     return body, etag
 
 
