@@ -18,6 +18,7 @@ from cache.near import NearCache
 from cache.store import DisabledCache, RedisCache
 from config import Settings
 from db import Database
+from services.stamps import ProcessedStamps
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,12 @@ class Services:
     l1: L1Cache
     publish: Publisher = _no_publisher
     l1_subscriber: L1Subscriber | None = None
+    stamps: ProcessedStamps | None = None
     extras: dict = field(default_factory=dict)
 
     def close(self) -> None:
+        if self.stamps:
+            self.stamps.stop()
         if self.l1_subscriber:
             self.l1_subscriber.stop()
         if self.cache.near:
@@ -76,7 +80,8 @@ def build_services(settings: Settings, *, subscribe_l1: bool = True) -> Services
     cache_cls = RedisCache if settings.cache_enabled else DisabledCache
     cache = cache_cls(client, breaker, counter_interval=settings.counter_flush_interval)
     l1 = L1Cache()
-    services = Services(settings, db, client, cache, AggregateStore(cache), l1)
+    services = Services(settings, db, client, cache, AggregateStore(cache), l1,
+                        stamps=ProcessedStamps(db))
     if subscribe_l1 and settings.cache_enabled:
         # Pub/sub blocks on reads: its connection must not share the request timeout.
         # Nor retry by itself: a lost connection must surface so that the L1 is cleared.

@@ -13,7 +13,7 @@ import random
 import time
 from typing import Any, Callable, TypeVar
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -173,20 +173,13 @@ class UnitOfWork:
         return found is not None
 
     def _mark_processed(self, outbox_ids: list[int]) -> None:
-        """Nothing is left for a worker to do: say so, instead of sending it a task that would
-        apply the event again and change nothing (that pass cost a write more CPU, in the worker,
-        Flower and the broker, than the write itself). Not marked (the database failed here),
-        the sweep hands them to a worker later, which is only a redundant pass."""
-        try:
-            with self.services.db.writers() as session:
-                session.execute(update(OutboxEvent).where(
-                    OutboxEvent.id.in_(outbox_ids), OutboxEvent.processed_at.is_(None))
-                    .values(processed_at=utcnow()))
-                session.commit()
-            metrics.outbox_events.labels("finished_by_web").inc(len(outbox_ids))
-        except DBAPIError as exc:
-            log.warning("could not mark events %s processed (the sweep re-sends them): %s",
-                        outbox_ids, exc)
+        """Nothing is left for a worker to do: say so (in the next batch of stamps,
+        services/stamps.py), instead of sending it a task that would apply the event again and
+        change nothing (that pass cost a write more CPU, in the worker, Flower and the broker,
+        than the write itself)."""
+        if self.services.stamps is not None:
+            self.services.stamps.add(outbox_ids)
+        metrics.outbox_events.labels("finished_by_web").inc(len(outbox_ids))
 
     def _publish(self, outbox_ids: list[int]) -> None:
         try:

@@ -203,12 +203,13 @@ def test_a_rolled_back_write_publishes_nothing(admin, client, services, worker):
     assert outbox_count(services, org_id) == events_before
     assert worker.metric(PROCESSED) == tasks_before
 
-    # The same write committed is applied and marked processed by the web: nothing is left for
-    # a worker, so nothing is sent.
+    # The same write committed is applied and marked processed by the web (in its next batch of
+    # stamps): nothing is left for a worker, so nothing is sent.
     with UnitOfWork(services) as uow:
         uow.emit(PROJECT_UPDATED, org_id, project_id=project_id)
         uow.commit()
-    assert published == [] and unprocessed(services, org_id) == 0
+    wait_until(lambda: unprocessed(services, org_id) == 0, 10, what="the web's stamp")
+    assert published == []
     assert outbox_count(services, org_id) == events_before + 1
 
     # Committed while the cache cannot take its bump, it is published once, and the worker
@@ -302,3 +303,28 @@ def test_flower_lists_the_worker_with_auth_and_refuses_without(broker, worker,  
     finally:
         flower.stop()
     assert flower.process.returncode is not None
+
+
+def test_the_events_the_web_finished_are_stamped_processed_together(admin, client, services,
+                                                                     monkeypatch):
+    """One statement stamps the outbox rows of many finished writes (services/stamps.py), within
+    the interval; until then they are pending in the process, not lost."""
+    from services.stamps import ProcessedStamps
+    from services.uow import UnitOfWork
+    from tests.cache_helpers import count_sql
+
+    org_id = admin.organization["id"]
+    project_id = new_project(client, admin)
+    wait_until(lambda: unprocessed(services, org_id) == 0, 10, what="setup events")
+    stamps = ProcessedStamps(services.db, interval=3600)  # this test flushes by itself
+    monkeypatch.setattr(services, "stamps", stamps)
+    for _ in range(5):
+        with UnitOfWork(services) as uow:
+            uow.emit(PROJECT_UPDATED, org_id, project_id=project_id)
+            uow.commit()
+    assert unprocessed(services, org_id) == 5 and stamps.pending() == 5
+    with count_sql(services) as sql:
+        stamps.flush()
+    assert len([q for q in sql.statements if q.split()[0].upper() == "UPDATE"]) == 1
+    assert unprocessed(services, org_id) == 0 and stamps.pending() == 0
+    stamps.stop()
