@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 import time
+from typing import Iterable
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -98,13 +99,21 @@ class LookupCounts:
         os.register_at_fork(after_in_child=self._forget_parent)
 
     def add(self, layer: str, family: str, hit: bool, org_id: str | None = None) -> None:
-        key = (layer, family, hit, org_id)
+        self.add_all(((layer, family, hit, org_id),))
+
+    def add_all(self, lookups: Iterable[tuple[str, str, bool, str | None]]) -> int:
+        """Count (layer, family, hit, org_id) lookups under one lock; returns the hits."""
+        hits = 0
         with self._lock:
-            self._pending[key] = self._pending.get(key, 0) + 1
+            pending = self._pending
+            for key in lookups:
+                pending[key] = pending.get(key, 0) + 1
+                hits += key[2]
             if self._flusher_pid is None:
                 self._flusher_pid = os.getpid()
                 threading.Thread(target=self._flush_every_interval, name="lookup-counts",
                                  daemon=True).start()
+        return hits
 
     def _forget_parent(self) -> None:
         self._lock = threading.Lock()

@@ -240,17 +240,26 @@ class NearCache:
         return True
 
     def get(self, name: str, ticket: int | None) -> Any:
+        found = self.get_all((name,), ticket)
+        return MISSING if found is None else found[0]
+
+    def get_all(self, names: Iterable[str], ticket: int | None) -> list[Any] | None:
+        """The copies of all `names`, or None if one is missing (one lock for a request's keys)."""
         if ticket is None:
-            return MISSING
+            return None
+        found = []
         with self._lock:
-            copy = self._copies.get(name)
-            if copy is None:
-                return MISSING
-            if copy.expires <= time.monotonic():
-                self._drop(name)
-                return MISSING
-            self._copies.move_to_end(name)
-            return copy.value
+            now = time.monotonic()
+            for name in names:
+                copy = self._copies.get(name)
+                if copy is None:
+                    return None
+                if copy.expires <= now:
+                    self._drop(name)
+                    return None
+                self._copies.move_to_end(name)
+                found.append(copy.value)
+        return found
 
     def put(self, name: str, value: Any, keys: Iterable[str], ticket: int | None, *,
             max_age: float) -> bool:

@@ -447,7 +447,6 @@ class RedisCache:
         except Unavailable:
             return [Lookup(key, None) for key in keys]
         found = []
-        tally = tally_key()
         for key, (tokens, raw) in zip(keys, replies):
             lookup = Lookup(key, tokens.decode() if isinstance(tokens, bytes) else tokens)
             if raw is not None:
@@ -455,9 +454,9 @@ class RedisCache:
                 if ticket is not None:
                     self.near.put(key.name, lookup, (*key.versions, key.name), ticket,
                                   max_age=_near_age(key))
-            if counted:
-                self._count(lookup, tally)
             found.append(lookup)
+        if counted:
+            self._count(found)
         if ticket is not None:
             for read in side:
                 keep = getattr(read, "keep_near", None)
@@ -469,25 +468,28 @@ class RedisCache:
                      ticket: int) -> list[Lookup] | None:
         """Every key and side read from this process's near cache, or None (then all of them go
         to Redis in one round trip, as before)."""
-        kept = [self.near.get(key.name, ticket) for key in keys]
-        if any(lookup is MISSING for lookup in kept):
+        kept = self.near.get_all([key.name for key in keys], ticket)
+        if kept is None:
             return None
         if not all(getattr(read, "from_near", None) and read.from_near(self.near, ticket)
                    for read in side):
             return None
         if self.counters.due():
             self.flush_counters()
-        tally = tally_key()
         found = [Lookup(lookup.key, lookup.tokens, lookup.value, "l1") for lookup in kept]
-        for lookup in found:
-            self._count(lookup, tally)
+        self._count(found)
         return found
 
-    def _count(self, lookup: Lookup, tally: str) -> None:
-        hit = lookup.value is not MISSING
-        metrics.lookups.add(lookup.layer, lookup.key.family, hit, tenants.org_of(lookup.key.name))
+    def _count(self, found: Sequence[Lookup]) -> None:
+        hits = metrics.lookups.add_all(
+            (lookup.layer, lookup.key.family, lookup.value is not MISSING,
+             tenants.org_of(lookup.key.name)) for lookup in found)
         # Hit/miss tally of all processes for /health/cache, in hourly buckets.
-        self.counters.hincr(tally, "hits" if hit else "misses", TALLY_TTL)
+        tally = tally_key()
+        if hits:
+            self.counters.hincr(tally, "hits", TALLY_TTL, by=hits)
+        if len(found) > hits:
+            self.counters.hincr(tally, "misses", TALLY_TTL, by=len(found) - hits)
 
     def _load_scripts(self) -> None:
         """SCRIPT LOAD (on a cluster: on every master) of what a pipeline runs by EVALSHA."""

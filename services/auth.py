@@ -13,7 +13,6 @@ from typing import Callable, Sequence
 import jwt
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from cachetools import LRUCache
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
@@ -157,14 +156,15 @@ def end_session(services: Services, actor: Actor, *, replace: bool) -> dict | No
 # Verified tokens, per process: verifying a signature costs more than a warm cached read
 # (bench/, BENCHMARKS.md). Keyed by the whole signed token and the key that verified it; expiry is
 # still checked on every use, and revocation is the session lookup's business, not this cache's.
-_verified: LRUCache = LRUCache(maxsize=4096)
-_verified_lock = threading.Lock()
+# A plain dict emptied when full: an LRU's bookkeeping and lock were 2-3 us of every request, and
+# only tokens with a valid signature get in.
+_VERIFIED_MAX = 4096
+_verified: dict[tuple[str, str], dict] = {}
 
 
 def _decode(services: Services, token: str) -> dict:
     secret = services.settings.secret_key
-    with _verified_lock:
-        claims = _verified.get((token, secret))
+    claims = _verified.get((token, secret))
     if claims is not None:
         if claims["exp"] <= time.time():
             raise Unauthorized("token has expired")
@@ -179,8 +179,9 @@ def _decode(services: Services, token: str) -> dict:
     if not all(isinstance(claims[c], str) for c in ("sub", "sid", "org")):
         raise Unauthorized("token is invalid")
     if isinstance(claims["exp"], (int, float)):
-        with _verified_lock:
-            _verified[(token, secret)] = claims
+        if len(_verified) >= _VERIFIED_MAX:
+            _verified.clear()
+        _verified[(token, secret)] = claims
     return claims
 
 
