@@ -94,6 +94,28 @@ def test_project_tasks_filter_by_status_and_assignee(client, admin, project):
     assert_problem(client.get(f"{url}?status=todo", headers=admin.headers), 422)
 
 
+def test_a_repeated_query_string_is_parsed_once_and_an_invalid_one_refused_every_time(
+        client, admin, project, monkeypatch):
+    from web import endpoint, schemas
+
+    monkeypatch.setattr(endpoint, "_queries", {}, raising=False)
+    parsed = []
+    real = schemas.TaskQuery.model_validate
+    monkeypatch.setattr(schemas.TaskQuery, "model_validate",
+                        classmethod(lambda cls, data: parsed.append(data) or real(data)))
+    made = [make_task(client, admin.headers, project["id"], status="TODO") for _ in range(3)]
+    url = f"/api/projects/{project['id']}/tasks"
+    first, again = (client.get(f"{url}?status=TODO&limit=2", headers=admin.headers)
+                    for _ in range(2))
+    assert first.json == again.json and len(first.json["items"]) == 2
+    assert parsed == [{"status": "TODO", "limit": "2"}]
+    other = client.get(f"{url}?status=TODO&limit=3", headers=admin.headers)
+    assert [t["id"] for t in other.json["items"]] == [t["id"] for t in reversed(made)]
+    for _ in range(2):
+        assert_problem(client.get(f"{url}?limit=0", headers=admin.headers), 422)
+    assert len(parsed) == 4
+
+
 def test_patch_edits_any_task_field_and_lists_reflect_it(client, admin, project):
     member = add_member(client, admin)
     task = make_task(client, admin.headers, project["id"])

@@ -56,7 +56,9 @@ class Strict(BaseModel):
 
 
 class Query(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Frozen: a parsed query string is shared by every request that sends the same one
+    # (web.endpoint.parse_query).
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
 
 # -- requests -----------------------------------------------------------------------------------
