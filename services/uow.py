@@ -23,7 +23,7 @@ from cache.keys import Key
 from cache.store import Bumped, Lookup
 from events import versions_for
 from events.apply import apply_event, mark_applied
-from models import OutboxEvent, utcnow
+from models import OutboxEvent
 from services.context import Services
 
 log = logging.getLogger(__name__)
