@@ -90,7 +90,7 @@ def load_comments_page(task_id: str, limit: int, cursor: str | None):
 
 # -- after a write ------------------------------------------------------------------------------
 def warm_after_write(uow: UnitOfWork, org_id: str, project_id: str,
-                     task_id: str | None = None) -> None:
+                     task_id: str | None = None, *, moved: bool = True) -> None:
     """Have the write store, once committed, the new values of what it retires and readers read
     most: the task (`task_id`; None after a delete) and the first page of its project's task
     list as a read without query parameters gets it. Call it before the commit.
@@ -101,14 +101,49 @@ def warm_after_write(uow: UnitOfWork, org_id: str, project_id: str,
     current tokens was loaded after every write whose bump came before. No single-flight
     lock: a reader loading the same key at once stores the same committed data. With Redis
     unavailable it does nothing; no error of its own reaches the write, which is committed.
+
+    `moved=False` says the write left the task where it was in its project's order (an update:
+    the order is by creation): a cached first page is then revised with the task's new row
+    instead of loaded again, which was most of a status change's warm-up.
     """
     if not uow.services.cache.enabled:
         return
-    if task_id is not None:
-        uow.warm(keys.task(org_id, task_id), load_task(org_id, task_id))
-    uow.warm(keys.project_tasks(org_id, project_id, status=None, assignee_id=None,
-                                limit=DEFAULT_LIMIT, cursor=None),
-             load_tasks_page(project_id, None, None, DEFAULT_LIMIT, None))
+    page_key = keys.project_tasks(org_id, project_id, status=None, assignee_id=None,
+                                  limit=DEFAULT_LIMIT, cursor=None)
+    load_page = load_tasks_page(project_id, None, None, DEFAULT_LIMIT, None)
+    if task_id is None:
+        uow.warm(page_key, load_page)
+        return
+    load = _once_per_session(load_task(org_id, task_id))
+    uow.warm(keys.task(org_id, task_id), load)
+    uow.warm(page_key, load_page, None if moved else _page_revised(task_id, load, load_page))
+
+
+def _once_per_session(load):
+    """`load`, run once per session: the task's row serves its own warm-up and its page's."""
+    last: list = [None, None]  # the session (held, so its identity is not reused) and the value
+
+    def once(db):
+        if last[0] is not db:
+            last[:] = [db, load(db)]
+        return last[1]
+    return once
+
+
+def _page_revised(task_id: str, load_task_row, load_page):
+    """A cached page with the task's new row in place of its old one. The task kept its place,
+    so a page without it is unchanged; a task deleted since (by a later write) has the page
+    loaded whole."""
+    def revise(page: dict, db) -> dict:
+        if not any(item["id"] == task_id for item in page["items"]):
+            return page
+        row = load_task_row(db)
+        if row is None:
+            return load_page(db)
+        # A new page: cached values are shared by readers and never changed in place.
+        return {**page, "items": [row if item["id"] == task_id else item
+                                  for item in page["items"]]}
+    return revise
 
 
 # -- writes -------------------------------------------------------------------------------------
@@ -215,7 +250,7 @@ def update_task(services: Services, actor: Actor, task_id: str, changes: dict) -
                  assignees=sorted({a for a in (old_assignee, new_assignee) if a}))
         if new_assignee != old_assignee:
             _notify(uow, actor, task, new_assignee, NotificationKind.TASK_ASSIGNED)
-        warm_after_write(uow, actor.org_id, task.project_id, task.id)
+        warm_after_write(uow, actor.org_id, task.project_id, task.id, moved=False)
         uow.commit()
         updated = present.task(task)
     return updated

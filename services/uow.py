@@ -28,13 +28,18 @@ from services.context import Services
 
 log = logging.getLogger(__name__)
 
+Load = Callable[[Session], Any]
+# The new value made from the one cached under the tokens a warm-up's lookup saw: cheaper than a
+# load, and as fresh (see `UnitOfWork.warm`).
+Revise = Callable[[Any, Session], Any]
+
 
 class UnitOfWork:
     def __init__(self, services: Services) -> None:
         self.services = services
         self.session: Session = services.db.writers()
         self.events: list[OutboxEvent] = []
-        self.to_warm: list[tuple[Key, Callable[[Session], Any]]] = []
+        self.to_warm: list[tuple[Key, Load, Revise | None]] = []
 
     def __enter__(self) -> "UnitOfWork":
         return self
@@ -50,10 +55,15 @@ class UnitOfWork:
         self.session.add(event)
         self.events.append(event)
 
-    def warm(self, key: Key, load: Callable[[Session], Any]) -> None:
+    def warm(self, key: Key, load: Load, revise: Revise | None = None) -> None:
         """After commit, store the new value of `key` (which the write's events retire) from
-        committed data, so that the next reader hits (see `_load_to_warm`)."""
-        self.to_warm.append((key, load))
+        committed data, so that the next reader hits (see `_load_to_warm`).
+
+        `revise(current, session)`, when given, is used instead of `load` if the lookup found a
+        value: the value cached under the tokens it saw, which every write bumped before the
+        lookup is in (versioned keys), revised with this write's committed change. It is stored
+        under the same condition as a loaded one: no other write bumped in between."""
+        self.to_warm.append((key, load, revise))
 
     def commit(self) -> None:
         self.session.flush()  # statements first: a connection lost here lost nothing committed
@@ -88,7 +98,7 @@ class UnitOfWork:
         if unfinished:
             self._publish(unfinished)
 
-    def _load_to_warm(self) -> list[tuple[Lookup, Callable[[Session], Any], Any]]:
+    def _load_to_warm(self) -> list[tuple[Lookup, Load, Any]]:
         """The values to warm, loaded after commit and before the bumps, each after a lookup of
         its tokens. Stored by the bumps' own script, and only if no other write bumped since
         that lookup (cache.store._BUMP, `Bumped`): then every write the load missed bumps later
@@ -98,25 +108,28 @@ class UnitOfWork:
             return []
         return self._lookup_and_load(self.to_warm, only_missing=False)
 
-    def _lookup_and_load(self, targets: list[tuple[Key, Callable[[Session], Any]]], *,
-                         only_missing: bool) -> list[tuple[Lookup, Callable[[Session], Any], Any]]:
-        """Each target's lookup, its loader and the value loaded (after the lookup)."""
+    def _lookup_and_load(self, targets: list[tuple[Key, Load, Revise | None]], *,
+                         only_missing: bool) -> list[tuple[Lookup, Load, Any]]:
+        """Each target's lookup, its loader and the value loaded, or revised (after the
+        lookup)."""
         try:
-            lookups = self.services.cache.lookup_many([key for key, _ in targets],
+            lookups = self.services.cache.lookup_many([key for key, _, _ in targets],
                                                       counted=False)
-            due = [(lookup, load) for lookup, (_, load) in zip(lookups, targets)
+            due = [(lookup, load, revise) for lookup, (_, load, revise) in zip(lookups, targets)
                    if lookup.tokens is not None and not (only_missing and lookup.hit)]
             if not due:
                 return []  # Redis unreachable (or nothing missing): nothing to load
             # A session of its own: the write's would answer from its objects, not the database.
             with self.services.db.session() as session:
-                return [(lookup, load, load(session)) for lookup, load in due]
+                return [(lookup, load, revise(lookup.value, session)
+                         if revise is not None and lookup.hit else load(session))
+                        for lookup, load, revise in due]
         except Exception as exc:  # the write is committed: a failed warm-up is a later miss
             log.warning("warm-up after a write failed to load: %s", exc)
             return []
 
     @staticmethod
-    def _store_with_last_bumps(loaded: list[tuple[Lookup, Callable[[Session], Any], Any]],
+    def _store_with_last_bumps(loaded: list[tuple[Lookup, Load, Any]],
                                bumped: Bumped, named: set[str]) -> None:
         """Have the last event's bump script store the loaded values (cache.store._BUMP) under
         the tokens the earlier events' bumps left, if those bumps were this write's alone."""
@@ -125,7 +138,7 @@ class UnitOfWork:
             if tokens is not None:
                 bumped.store_with_next_bumps(lookup.key, tokens, value)
 
-    def _store_warmed(self, loaded: list[tuple[Lookup, Callable[[Session], Any], Any]],
+    def _store_warmed(self, loaded: list[tuple[Lookup, Load, Any]],
                       bumped: Bumped, named: set[str]) -> None:
         """Each value the bumps did not store, under the tokens they set; one that cannot be
         (another writer of the same list bumped between this write's lookup and its bump, a
@@ -142,7 +155,7 @@ class UnitOfWork:
                 if tokens is not None and self.services.cache.store(Lookup(key, tokens), value):
                     metrics.warmed.labels(key.family, "stored").inc()
                 else:
-                    again.append((key, load))
+                    again.append((key, load, None))
             for lookup, _, value in self._lookup_and_load(again, only_missing=True):
                 stored = self.services.cache.store(lookup, value)
                 metrics.warmed.labels(lookup.key.family,

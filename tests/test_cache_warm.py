@@ -153,6 +153,9 @@ def test_a_warm_up_that_loaded_before_a_concurrent_write_never_leaves_its_older_
         assert answer.json == truth
     assert answer.headers["X-Cache"] in CACHED
     assert warmed("task", "reloaded") == reloaded + 1  # A's first value was refused
+    # A's page, revised with A's row, was refused the same way: the page served is B's.
+    page = client.get(f"/api/projects/{task['project_id']}/tasks", headers=admin.headers)
+    assert [t for t in page.json["items"] if t["id"] == tid] == [truth]
 
 
 @in_process
@@ -165,11 +168,11 @@ def test_a_reader_right_after_the_writes_bump_hits_the_new_values(
     org_id, project_id = admin.organization["id"], task["project_id"]
     page_key = keys.project_tasks(org_id, project_id, status=None, assignee_id=None,
                                   limit=task_service.DEFAULT_LIMIT, cursor=None)
-    real_load_page = task_service.load_tasks_page
+    real_load_task = task_service.load_task
     invalidate = services.cache.invalidate
 
-    def load_tasks_page(*args):
-        load = real_load_page(*args)
+    def load_task(*args):  # the task's row: its own value, and its cached page's revision
+        load = real_load_task(*args)
         return lambda db: order.append("load") or load(db)
 
     def bump_then_read(*args, **kwargs):
@@ -179,7 +182,7 @@ def test_a_reader_right_after_the_writes_bump_hits_the_new_values(
             [page_key, keys.task(org_id, task["id"])], counted=False)
         return done
 
-    monkeypatch.setattr(task_service, "load_tasks_page", load_tasks_page)
+    monkeypatch.setattr(task_service, "load_task", load_task)
     monkeypatch.setattr(services.cache, "invalidate", bump_then_read)
     update_task(services, as_admin(admin), task["id"], {"title": "After"})
     assert order[:2] == ["load", "bump"], order
@@ -188,6 +191,57 @@ def test_a_reader_right_after_the_writes_bump_hits_the_new_values(
     assert seen["task"].value == in_database(services, task["id"])
     page = client.get(f"/api/projects/{project_id}/tasks", headers=admin.headers)
     assert page.headers["X-Cache"] in CACHED and page.json == seen["page"].value
+
+
+def page_loads(sql) -> int:
+    """Statements that load a page of tasks (ordered), among those counted."""
+    return sum(1 for s in sql.statements if "FROM tasks" in s and "ORDER BY" in s)
+
+
+@in_process
+@pytest.mark.parametrize("on_the_page", [True, False], ids=["on the page", "past the page"])
+def test_an_update_revises_the_cached_first_page_instead_of_loading_it(
+        client, admin, project, services, on_the_page):
+    """A status change moves no task in the list's order (by creation): the cached first page
+    is stored again with the task's new row, or unchanged when the task is past it, and that is
+    exactly the page a load would give."""
+    org_id = admin.organization["id"]
+    limit = task_service.DEFAULT_LIMIT
+    made = [make_task(client, admin.headers, project["id"], title=f"T{i}")
+            for i in range(limit + 2)]
+    url = f"/api/projects/{project['id']}/tasks"
+    # the last create stored the page (it moved every task down one)
+    assert client.get(url, headers=admin.headers).headers["X-Cache"] in CACHED
+    target = made[-1] if on_the_page else made[0]  # newest first: the oldest is past the page
+    with count_sql(services) as sql:
+        update_task(services, as_admin(admin), target["id"], {"status": "BLOCKED"})
+    assert page_loads(sql) == 0, sql.statements
+    page = client.get(url, headers=admin.headers)
+    assert page.headers["X-Cache"] in CACHED
+    with services.db.session() as db:
+        assert page.json == task_service.load_tasks_page(project["id"], None, None, limit,
+                                                         None)(db)
+    statuses = {t["id"]: t["status"] for t in page.json["items"]}
+    assert statuses.get(target["id"]) == ("BLOCKED" if on_the_page else None)
+    key = keys.project_tasks(org_id, project["id"], status=None, assignee_id=None, limit=limit,
+                             cursor=None)
+    assert codec.decode(current_blob(raw(services), key)) == page.json
+
+
+@in_process
+def test_an_update_loads_the_first_page_when_none_is_cached(client, admin, task, services):
+    org_id, project_id = admin.organization["id"], task["project_id"]
+    key = keys.project_tasks(org_id, project_id, status=None, assignee_id=None,
+                             limit=task_service.DEFAULT_LIMIT, cursor=None)
+    services.cache.invalidate([keys.project_tasks_version(org_id, project_id)],
+                              org_ids=[org_id], family="task_list")  # no page cached now
+    assert not services.cache.lookup_many([key], counted=False)[0].hit
+    with count_sql(services) as sql:
+        update_task(services, as_admin(admin), task["id"], {"status": "BLOCKED"})
+    assert page_loads(sql) == 1
+    page = client.get(f"/api/projects/{project_id}/tasks", headers=admin.headers)
+    assert page.headers["X-Cache"] in CACHED
+    assert [t["status"] for t in page.json["items"]] == ["BLOCKED"]
 
 
 def test_bumped_tokens_replace_only_what_the_warm_up_read_before_loading():
