@@ -148,11 +148,14 @@ def _page_revised(task_id: str, load_task_row, load_page):
 
 # -- writes -------------------------------------------------------------------------------------
 class _Numbering:
-    """Numbers the changes of one transaction on the rows that own aggregates."""
+    """Numbers the changes of one transaction on the rows that own aggregates: its project and
+    the `members` it locked (`_lock_members`)."""
 
-    def __init__(self, uow: UnitOfWork, org_id: str) -> None:
+    def __init__(self, uow: UnitOfWork, org_id: str,
+                 members: dict[str, User] | None = None) -> None:
         self.uow = uow
         self.org_id = org_id
+        self.members = members or {}
         self.deltas: list[Delta] = []
 
     def project(self, project: Project, changes: dict[str, int]) -> None:
@@ -162,21 +165,22 @@ class _Numbering:
     def user(self, user_id: str | None, changes: dict[str, int]) -> None:
         if not user_id:
             return
-        user = self.uow.session.get(User, user_id, with_for_update=True)
-        if user is None:
-            return
+        user = self.members[user_id]  # locked already: a second SELECT FOR UPDATE was a waste
         user.stats_seq += 1
         self.deltas.append(Delta("user", self.org_id, user_id, user.stats_seq, changes))
 
 
-def _lock_members(uow: UnitOfWork, actor: Actor, *user_ids: str | None) -> None:
+def _lock_members(uow: UnitOfWork, actor: Actor, *user_ids: str | None) -> dict[str, User]:
     """Row-lock the users whose statistics this transaction numbers, in id order, before any
     insert or update references them: InnoDB's foreign-key checks take shared locks on them, and
-    upgrading those later is how two writers deadlock."""
+    upgrading those later is how two writers deadlock. Returns them by id."""
+    locked = {}
     for user_id in sorted({u for u in user_ids if u}):
         user = uow.session.get(User, user_id, with_for_update=True)
         if user is None or user.organization_id != actor.org_id:
             raise Invalid("assignee_id", "must be a member of this organization")
+        locked[user_id] = user
+    return locked
 
 
 def _notify(uow: UnitOfWork, actor: Actor, task: Task, user_id: str | None,
@@ -192,13 +196,13 @@ def _notify(uow: UnitOfWork, actor: Actor, task: Task, user_id: str | None,
 def create_task(services: Services, actor: Actor, project_id: str, fields: dict) -> dict:
     with UnitOfWork(services) as uow:
         project = locked_project(uow, actor, project_id)
-        _lock_members(uow, actor, fields.get("assignee_id"))
+        members = _lock_members(uow, actor, fields.get("assignee_id"))
         now = utcnow()
         task = Task(id=new_id(), organization_id=actor.org_id, project_id=project.id,
                     created_at=now, updated_at=now, **fields)
         task.status = task.status or "TODO"
         task.priority = task.priority or "MEDIUM"
-        numbering = _Numbering(uow, actor.org_id)
+        numbering = _Numbering(uow, actor.org_id, members)
         numbering.project(project, {task.status: 1})
         numbering.user(task.assignee_id, {task.status: 1})
         uow.session.add(task)
@@ -233,8 +237,8 @@ def update_task(services: Services, actor: Actor, task_id: str, changes: dict) -
         old_status, old_assignee = task.status, task.assignee_id
         new_status = changes.get("status", old_status)
         new_assignee = changes.get("assignee_id", old_assignee)
-        _lock_members(uow, actor, old_assignee, new_assignee)
-        numbering = _Numbering(uow, actor.org_id)
+        members = _lock_members(uow, actor, old_assignee, new_assignee)
+        numbering = _Numbering(uow, actor.org_id, members)
         if new_status != old_status:
             numbering.project(project, {old_status: -1, new_status: 1})
         if new_assignee != old_assignee:
@@ -260,12 +264,12 @@ def update_task(services: Services, actor: Actor, task_id: str, changes: dict) -
 def delete_task(services: Services, actor: Actor, task_id: str) -> None:
     with UnitOfWork(services) as uow:
         task, project = _locked_task(uow, actor, task_id)
-        _lock_members(uow, actor, task.assignee_id)
+        members = _lock_members(uow, actor, task.assignee_id)
         comments = uow.session.scalar(
             select(func.count()).select_from(Comment).where(Comment.task_id == task.id))
         notified = sorted(set(uow.session.scalars(
             select(Notification.user_id).where(Notification.task_id == task.id))))
-        numbering = _Numbering(uow, actor.org_id)
+        numbering = _Numbering(uow, actor.org_id, members)
         numbering.project(project, {task.status: -1, "comments": -comments})
         numbering.user(task.assignee_id, {task.status: -1})
         uow.session.query(Notification).filter(Notification.task_id == task.id).delete()

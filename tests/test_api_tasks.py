@@ -5,9 +5,12 @@ from __future__ import annotations
 import time
 
 import pytest
+from sqlalchemy import select
 
 from api_support import (add_member, assert_problem, count, make_comment, make_project,
                          make_task, random_id, walk)
+from cache_helpers import count_sql
+from conftest import topology_mode
 
 
 @pytest.fixture
@@ -236,3 +239,28 @@ def test_unknown_task_ids_are_404_on_every_task_route(client, admin):
                                ("DELETE", url, None), ("GET", url + "/comments", None),
                                ("POST", url + "/comments", {"body": "x"})]:
         assert_problem(client.open(path, method=method, headers=admin.headers, json=body), 404)
+
+
+@pytest.mark.skipif(topology_mode() == "cluster", reason="counts this process's SQL")
+def test_a_reassignment_locks_each_member_once_and_numbers_both(client, admin, services,
+                                                                 project):
+    """The old assignee loses the task and the new one gains it: both users' statistics change,
+    so both rows are locked (once each) and each one's change number moves by one."""
+    from models import User
+    from services.auth import Actor
+    from services.tasks import update_task
+
+    old, new = (add_member(client, admin)["user"]["id"] for _ in range(2))
+    task = make_task(client, admin.headers, project["id"], assignee_id=old)
+
+    def change_numbers() -> dict:
+        with services.db.session() as db:
+            return dict(db.execute(select(User.id, User.stats_seq)
+                                   .where(User.id.in_([old, new]))).all())
+    before = change_numbers()
+    actor = Actor(admin.user["id"], admin.organization["id"], "test", ("admin",), admin.email)
+    with count_sql(services) as sql:
+        update_task(services, actor, task["id"], {"assignee_id": new})
+    user_reads = [s for s in sql.statements if "FROM users" in s]
+    assert len(user_reads) == 2, user_reads
+    assert change_numbers() == {old: before[old] + 1, new: before[new] + 1}
