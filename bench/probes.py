@@ -4,6 +4,7 @@ and what a cached entry costs in Redis."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import statistics
@@ -141,6 +142,49 @@ def summed(before: dict, after: dict, name: str, by: str | None = None,
     for labels, value in d.items():
         out[dict(labels).get(by, "?")] += value
     return dict(out)
+
+
+class RedisCommands:
+    """Commands the benchmark's redis-server ran during measurements (INFO commandstats), so a
+    write's Redis traffic can be told from its reads'."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.runs: dict[str, dict[str, int]] = {}
+
+    def _calls(self) -> dict[str, int]:
+        client = redis.Redis.from_url(self.url)
+        try:
+            return {name.removeprefix("cmdstat_"): stats["calls"]
+                    for name, stats in client.info("commandstats").items()}
+        finally:
+            client.close()
+
+    @contextlib.contextmanager
+    def counting(self, run: str):
+        before = self._calls()
+        yield
+        after = self._calls()
+        self.runs[run] = {name: n - before.get(name, 0) for name, n in after.items()
+                          if n > before.get(name, 0)}
+
+    def per_request(self, run: str, requests: int) -> dict[str, float]:
+        calls = self.runs.get(run, {})
+        return {name: round(n / requests, 1) for name, n in
+                sorted(calls.items(), key=lambda kv: -kv[1]) if requests and n / requests >= 0.1}
+
+    def per_write(self, mixed_requests: int, reads_requests: int,
+                  share: float) -> dict[str, float]:
+        """Each command's calls per write: the mixed run's per request less its reads' (the
+        reads-only run's), over the write share; the largest first."""
+        mixed, reads = self.runs.get("mixed", {}), self.runs.get("reads_only", {})
+        if not (mixed_requests and reads_requests and share):
+            return {}
+        out = {name: ((mixed.get(name, 0) / mixed_requests)
+                      - (1 - share) * reads.get(name, 0) / reads_requests) / share
+               for name in set(mixed) | set(reads)}
+        return {name: round(v, 1) for name, v in sorted(out.items(), key=lambda kv: -kv[1])
+                if abs(v) >= 0.1}
 
 
 # -- freshness ------------------------------------------------------------------------------------

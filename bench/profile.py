@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import threading
 from collections import Counter
 from pathlib import Path
 
+from bench import cpu, probes
 from bench.load import wrk
 from bench.progress import log
 from bench.run import LOG_DIR, Bench, parse_args as bench_args
@@ -70,7 +72,9 @@ def summarize(collapsed: Path, top: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile")
-    parser.add_argument("--path", default="stats", choices=["stats", "health", "task", "list"])
+    parser.add_argument("--path", default="stats",
+                        choices=["stats", "health", "task", "list", "mixed", "reads", "writes"],
+                        help="one endpoint, the mixed workload, or its reads or writes alone")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=40)
@@ -84,10 +88,22 @@ def main(argv: list[str] | None = None) -> int:
         bench.setup()
         stack = bench.start_stack("profile", True, False)
         paths = bench.paths(bench.data.small)
-        path = "/health" if args.path == "health" else paths[args.path]
-        token = None if args.path == "health" else bench.token0
-        if token:
-            bench.warm(path, token)
+        if args.path in ("mixed", "reads", "writes"):
+            path, script, token = "/", "mixed.lua", None
+            plan = bench.plan
+            if args.path != "mixed":
+                share = "1" if args.path == "writes" else "0"
+                plan = plan.with_name(f"{args.path}.plan")
+                plan.write_text(re.sub(r"(?m)^write .*$", f"write {share}",
+                                       bench.plan.read_text()))
+            script_args = [str(plan), "5"]
+            probes.sweep(stack.base, bench.sweep)
+        else:
+            path = "/health" if args.path == "health" else paths[args.path]
+            token = None if args.path == "health" else bench.token0
+            script, script_args = "auth.lua", [token or ""]
+            if token:
+                bench.warm(path, token)
         master = gunicorn_master(stack.process.pid)
         out = LOG_DIR / f"profile-{args.path}.txt"
         spy = subprocess.Popen([args.py_spy, "record", "--pid", str(master), "--subprocesses",
@@ -96,13 +112,16 @@ def main(argv: list[str] | None = None) -> int:
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         result = {}
         load = threading.Thread(target=lambda: result.setdefault("r", wrk(
-            bench.load, stack.base + path, "auth.lua", token or "", seconds=args.seconds)))
-        load.start()
-        load.join()
+            bench.load, stack.base + path, script, *script_args, seconds=args.seconds)))
+        with cpu.Window((bench.redis_server.port,)) as spent:
+            load.start()
+            load.join()
         _, err = spy.communicate(timeout=60)
         r = result.get("r")
         if r:
-            log(f"{path}: {r.rps:.1f} req/s p50 {r.p50_ms:.2f} ms p99 {r.p99_ms:.2f} ms")
+            log(f"{path}: {r.rps:.1f} req/s p50 {r.p50_ms:.2f} ms p99 {r.p99_ms:.2f} ms; CPU per "
+                f"request by role (us, py-spy's own in 'other'): " + ", ".join(
+                    f"{k} {v * 1e6 / max(r.requests, 1):,.0f}" for k, v in spent.spent.items()))
         if not out.exists():
             log(f"py-spy wrote nothing: {err[-1000:]}")
             return 1

@@ -90,6 +90,19 @@ def ratios(r: dict) -> dict:
         "freshness_p99_ms": _get(c, "mixed", "freshness", "p99_ms"),
         "recomputes_per_1000_writes": _get(c, "burst", "recomputes_per_1000"),
     }
+    # The floors (bench/naive.py): the simplest app's read and write against its own /health,
+    # and the mix those would make, with all its requests at the floors or only its writes.
+    share = _get(c, "mixed", "write_share")
+    naive = r.get("naive", {})
+    naive_read, naive_write = (vs_health(naive.get("read"), "rps"),
+                               vs_health(naive.get("write"), "rps"))
+    out["naive_read_vs_health_rps"], out["naive_write_vs_health_rps"] = naive_read, naive_write
+    if share and naive_read and naive_write:
+        out["mixed_at_naive_floors_vs_health_rps"] = 1 / ((1 - share) / naive_read
+                                                          + share / naive_write)
+        if out["mixed_reads_only_vs_health_rps"]:
+            out["mixed_with_naive_writes_vs_health_rps"] = 1 / (
+                (1 - share) / out["mixed_reads_only_vs_health_rps"] + share / naive_write)
     for name in ("task", "list", "floor", "floor_authenticated"):
         out[f"{name}_vs_health_rps"] = vs_health(c.get(name), "rps")
         out[f"{name}_vs_health_p99"] = vs_health(c.get(name), "p99_ms")
@@ -152,6 +165,47 @@ def _write_cost_row(mx: dict, health: dict) -> str:
     return (f"| Mixed: one write's cost in reads of the mix (from the runs with and without its "
             f"writes; the 0.5x target allows {max(allowed, 0):.1f} at this read cost) | "
             f"{cost:.1f} reads | | | |")
+
+
+def _cpu_rows(mx: dict) -> list[str]:
+    """CPU per request of every process on the machine, by role (bench/cpu.py): the mix's reads
+    and one of its writes against a /health request."""
+    cpu = mx.get("cpu_us_per_request") or {}
+    health = _get(cpu, "health", "total")
+    rows = []
+    for name, label in (("reads_only", "one read of the mix"),
+                        ("one_write", "one write of the mix (the mixed run less its reads, over "
+                         "the write share: its own cost and what it costs the reads around it)"),
+                        ("writes_only", "one write alone (a run of the mix's writes only, until "
+                         "the worker's queue is empty)")):
+        roles = cpu.get(name)
+        if not roles or not health:
+            continue
+        parts = ", ".join(f"{k} {v:,.0f}" for k, v in roles.items()
+                          if k not in ("total", "bench") and abs(v) >= 1)
+        rows.append(f"| CPU of {label}, all processes, by role in us ({parts}) vs a `/health` "
+                    f"request's | {roles['total']:,.0f} us | {health:,.0f} us | "
+                    f"{_x(roles['total'] / health, 1)} | |")
+    return rows
+
+
+def _naive_rows(r: dict) -> list[str]:
+    """The floors: what the simplest app (bench/naive.py) does on the same machine."""
+    naive, q = r.get("naive") or {}, r["ratios"]
+    if not naive:
+        return []
+    rows = []
+    for name, label in (("read", "one Redis GET of a cached value"),
+                        ("write", "one row UPDATE, committed in MariaDB")):
+        run = naive.get(name) or {}
+        rows.append(f"| Floor, naive app ({label}) vs its own `/health` | {_rps(run.get('rps'))} | "
+                    f"{_rps(_get(run, 'paired_health', 'rps'))} | "
+                    f"{_x(q.get(f'naive_{name}_vs_health_rps'))} | |")
+    rows.append(f"| Mixed at the floors: its reads as the naive read, its writes as the naive "
+                f"write (this stack's reads with the naive write: "
+                f"{_x(q.get('mixed_with_naive_writes_vs_health_rps'))}) | | | "
+                f"{_x(q.get('mixed_at_naive_floors_vs_health_rps'))} | |")
+    return rows
 
 
 def _rps(v) -> str:
@@ -291,6 +345,8 @@ def markdown(r: dict) -> str:
         f"{_rps(_get(mx, 'reads_only', 'rps'))} | {_rps(health.get('rps'))} | "
         f"{_x(q.get('mixed_reads_only_vs_health_rps'))} | |",
         _write_cost_row(mx, health),
+        *_cpu_rows(mx),
+        *_naive_rows(r),
         f"| Mixed: p50 / p99 (p99 vs `/health`) | {_ms(load.get('p50_ms'))} / "
         f"{_ms(load.get('p99_ms'))} | {_ms(health.get('p50_ms'))} / "
         f"{_ms(health.get('p99_ms'))} | {_x(q['mixed_vs_health_p99'])} slower | |",

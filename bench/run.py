@@ -20,7 +20,7 @@ import jwt
 import redis
 from sqlalchemy import create_engine, func, select, text
 
-from bench import probes, report
+from bench import cpu, probes, report
 from bench.load import Load, LoadFailed, Result, wrk
 from bench.progress import log
 from bench.seed import FULL, QUICK, Dataset, seed
@@ -278,12 +278,16 @@ class Bench:
                                       probe_task, count=count,
                                       interval=max(0.02, self.load.seconds * 2 / count - 0.01))
         health = self.stack.base + "/health"
-        health_before = wrk(self.load, health, "auth.lua", "")
+        ports = (self.redis_server.port,)
+        commands = probes.RedisCommands(self.redis_server.url_for(0))
+        with cpu.Window(ports) as health_cpu:
+            health_before = wrk(self.load, health, "auth.lua", "")
         before = probes.scrape(self.stack.base)
         before_w = self.worker_metrics(self.stack)
         probe.start()
-        result = wrk(self.load, self.stack.base + "/", "mixed.lua", str(self.plan), "2",
-                     seconds=self.load.seconds * 2)
+        with cpu.Window(ports) as mixed_cpu, commands.counting("mixed"):
+            result = wrk(self.load, self.stack.base + "/", "mixed.lua", str(self.plan), "2",
+                         seconds=self.load.seconds * 2)
         after = probes.scrape(self.stack.base)
         after_w = self.worker_metrics(self.stack)
         probe.stop_flag.set()
@@ -297,8 +301,9 @@ class Bench:
         # The same reads without the writes: what the 5% of writes cost the mixed throughput.
         reads_only = self.plan.with_name("mixed-reads.plan")
         reads_only.write_text(self.plan.read_text().replace(f"write {WRITE_SHARE}\n", "write 0\n"))
-        without_writes = wrk(self.load, self.stack.base + "/", "mixed.lua", str(reads_only), "4",
-                             seconds=self.load.seconds)
+        with cpu.Window(ports) as reads_cpu, commands.counting("reads_only"):
+            without_writes = wrk(self.load, self.stack.base + "/", "mixed.lua", str(reads_only),
+                                 "4", seconds=self.load.seconds)
         # /health before and after both mixed runs: their ratios hold through a drifting machine.
         paired = Result.combined([health_before, wrk(self.load, health, "auth.lua", "")])
         log(f"  mixed without writes: {without_writes.rps:.1f} req/s  p99 "
@@ -315,6 +320,17 @@ class Bench:
         log(f"  freshness at rest: p50 {rest['p50_ms']} ms p99 {rest['p99_ms']} ms (the write's "
             f"answer p99 {rest['answer_p99_ms']} ms; under the mixed load "
             f"{fresh['answer_p99_ms']} ms)")
+        # The writes alone: what a write costs each process by itself, apart from what it costs
+        # the reads around it in the mix (their near copies dropped and fetched again).
+        writes_only = self.plan.with_name("mixed-writes.plan")
+        writes_only.write_text(self.plan.read_text().replace(f"write {WRITE_SHARE}\n",
+                                                             "write 1\n"))
+        with cpu.Window(ports) as writes_cpu, commands.counting("writes_only"):
+            writes = wrk(self.load, self.stack.base + "/", "mixed.lua", str(writes_only), "6",
+                         seconds=self.load.seconds)
+            settled = self.settle(self.stack)  # the worker's share, queued or not
+        log(f"  writes alone: {writes.rps:.1f} req/s p50 {writes.p50_ms:.2f} ms p99 "
+            f"{writes.p99_ms:.2f} ms; the worker's queue empty {settled:.1f} s later")
         inline = probes.summed(before, after, "stats_inline_computations_total")
         seconds = result.as_dict().get("seconds") or self.load.seconds * 2
         recounts = {"web": probes.summed(before, after, "stats_recomputes_total", by="reason"),
@@ -322,7 +338,31 @@ class Bench:
                                             by="reason") if before_w else None}
         log(f"  inline stats computations (cold misses): {inline:g} in {seconds:g} s "
             f"({inline * 3600 / seconds:,.0f} per hour); recounts by reason {recounts}")
+        # What the web left to the worker, and why: each event not finished in the web is a
+        # broker message, a worker pass and often a recount (tasks/events.py NEEDS_RECOUNT).
+        outbox = probes.summed(before, after, "outbox_events_total", by="outcome")
+        deltas = {kind: probes.summed(before, after, "stats_deltas_total", by="outcome",
+                                      where={"aggregate": kind, "source": "web"})
+                  for kind in ("project", "user")}
+        log(f"  events after commit: {outbox}; the web's deltas by outcome: {deltas}")
+        redis_per_write = commands.per_write(result.requests, without_writes.requests,
+                                             WRITE_SHARE)
+        redis_alone = commands.per_request("writes_only", writes.requests)
+        log(f"  Redis commands per write (cache and broker): in the mix {redis_per_write}; "
+            f"alone {redis_alone}")
+        cpu_per_request = cpu.per_request(
+            {"health": (health_cpu.spent, health_before.requests),
+             "mixed": (mixed_cpu.spent, result.requests),
+             "reads_only": (reads_cpu.spent, without_writes.requests),
+             "writes_only": (writes_cpu.spent, writes.requests)}, WRITE_SHARE)
+        log("  CPU per request by role (us): " + "; ".join(
+            f"{run}: " + ", ".join(f"{k} {v:g}" for k, v in roles.items())
+            for run, roles in cpu_per_request.items()))
         return {"load": result.as_dict(), "hit_rates": rates, "freshness": fresh,
+                "cpu_us_per_request": cpu_per_request, "outbox": outbox, "web_deltas": deltas,
+                "redis_commands_per_write": {"in_the_mix": redis_per_write,
+                                             "alone": redis_alone},
+                "writes_only": writes.as_dict(),
                 "freshness_at_rest": rest,
                 "reads_only": without_writes.as_dict(), "paired_health": paired.as_dict(),
                 "inline_computations": inline, "inline_seconds": seconds,
@@ -481,6 +521,34 @@ class Bench:
             stack.stop()
         return out
 
+    def naive_phase(self) -> dict:
+        """The floors: the simplest app doing each kind of request (bench/naive.py) on the same
+        gunicorn settings, database and Redis. A read or a write there is what this machine
+        allows any implementation; each is paired with that app's own /health."""
+        from bench import naive
+
+        cache = redis.Redis.from_url(self.redis_server.url_for(0))
+        naive.prepare(self.engine, cache, json.dumps(
+            {"project_id": "p" * 36, "tasks_by_status": {"TODO": 250, "IN_PROGRESS": 250,
+             "BLOCKED": 250, "COMPLETED": 250}, "total": 1000, "overdue": 12}).encode())
+        env = {"NAIVE_DATABASE_URL": self.db_url, "NAIVE_REDIS_URL": self.redis_server.url_for(0),
+               "WEB_PORT": str(free_port())}
+        stack = Stack("naive", env, with_workers=False, log_path=LOG_DIR / "naive.log",
+                      command=("bench.naive",))
+        self.stack = stack
+        out: dict = {}
+        try:
+            stack.start()
+            log("naive app (bench/naive.py): the floors of a read and a write")
+            out["health"] = self.measure("/health", "/health")
+            out["read"] = self.measure_against_health("one Redis GET", "/read")
+            out["write"] = self.measure_against_health("one UPDATE, committed", "/write")
+        finally:
+            stack.stop()
+            naive.drop(self.engine, cache)
+            cache.close()
+        return out
+
     def topology_phase(self) -> dict:
         """`make up-cluster` (nginx, two API instances, workers, beats) twice: the cache on the
         Redis Cluster, then on one redis-server. Warm stats through the balancer against /health
@@ -528,6 +596,7 @@ class Bench:
             if not self.args.topology_only:
                 self.results["cached"] = self.cached_phase()
                 self.results["uncached"] = self.uncached_phase()
+                self.results["naive"] = self.naive_phase()
             if not self.args.no_topology:
                 self.results["topology"] = self.topology_phase()
         finally:
