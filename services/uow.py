@@ -1,9 +1,9 @@
 """A write: one transaction, its outbox rows, and what must happen after (never before) commit.
 
 After commit the web applies each event itself (read-your-writes). An event it applied whole is
-marked processed there; only one it could not finish (Redis down, a delta out of order, stats not
-cached) goes to a worker, and the outbox sweep re-sends whatever neither step reached (the web
-died after commit, the broker was down)."""
+marked processed there (statistics nobody cached: once it has scheduled their recount); only one it
+could not finish (Redis down, a delta out of order) goes to a worker, and the outbox sweep re-sends
+whatever neither step reached (the web died after commit, the broker was down)."""
 
 from __future__ import annotations
 
@@ -85,6 +85,7 @@ class UnitOfWork:
             named.update(versions_for(event.kind, event.organization_id, event.payload))
             result = apply_event(self.services, **fields, event_id=None, source="web",
                                  written_at=event.created_at, bumped=bumped)
+            self._recount_missing(event, result)
             if is_finished(result):
                 finished.append(event.id)
                 continue
@@ -185,6 +186,20 @@ class UnitOfWork:
                     "committed" if found else "was rolled back: running it again")
         return found is not None
 
+    def _recount_missing(self, event: OutboxEvent, result: dict) -> None:
+        """A delta to an aggregate nobody has cached ("missing") leaves only a recount to do
+        (tasks/events.py): schedule it here, coalesced as the worker would, and the event needs
+        no worker pass (one Celery task, its outbox stamp and Flower's share less per write to
+        such an aggregate). One that cannot be scheduled stays for the worker."""
+        ensure = self.services.extras.get("ensure_recount")
+        if ensure is None or "missing" not in result["deltas"]:
+            return
+        for i, (data, outcome) in enumerate(zip(event.payload["deltas"], result["deltas"])):
+            if outcome == "missing":
+                delta = Delta.from_dict(data)
+                if ensure(delta.kind, delta.org_id, delta.owner_id, "coalesced"):
+                    result["deltas"][i] = "recount_scheduled"
+
     def _mark_processed(self, outbox_ids: list[int]) -> None:
         """Nothing is left for a worker to do: say so (in the next batch of stamps,
         services/stamps.py), instead of sending it a task that would apply the event again and
@@ -205,7 +220,7 @@ class UnitOfWork:
 
 # Delta outcomes after which the cached aggregate converges without a worker (anything else, a
 # worker looks at again: it schedules a recount where one is needed).
-SETTLED = {"applied", "duplicate"}
+SETTLED = {"applied", "duplicate", "recount_scheduled"}
 
 
 def is_finished(result: dict) -> bool:

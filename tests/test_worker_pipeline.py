@@ -328,3 +328,26 @@ def test_the_events_the_web_finished_are_stamped_processed_together(admin, clien
     assert len([q for q in sql.statements if q.split()[0].upper() == "UPDATE"]) == 1
     assert unprocessed(services, org_id) == 0 and stamps.pending() == 0
     stamps.stop()
+
+
+def test_a_change_to_statistics_nobody_cached_has_the_web_schedule_their_recount(
+        client, admin, services, worker):
+    """Nothing cached is stale, so the event needs no worker pass: the web schedules the
+    coalesced recount itself, finishes the event, and the worker only counts."""
+    org_id = admin.organization["id"]
+    project_id = new_project(client, admin)
+    wait_until(lambda: unprocessed(services, org_id) == 0, 10, what="setup events")
+    services.cache.purge_organization(org_id)  # no statistics of the project in the cache
+    assert services.aggregates.read(PROJECT_STATS, org_id, project_id) is None
+    by_web, to_worker = handed("finished_by_web"), handed("sent_to_worker")
+    passes = worker.metric(PROCESSED)
+
+    made = client.post(f"/api/projects/{project_id}/tasks", json={"title": "counted"},
+                       headers=admin.headers)
+    assert made.status_code == 201
+    assert (handed("finished_by_web") - by_web, handed("sent_to_worker") - to_worker) == (1, 0)
+    stats = wait_until(lambda: services.aggregates.read(PROJECT_STATS, org_id, project_id),
+                       COLD_BOUND, what="the recount the web scheduled")
+    assert stats.stats["total_tasks"] == 1
+    wait_until(lambda: unprocessed(services, org_id) == 0, 10, what="the stamp")
+    assert worker.metric(PROCESSED) == passes  # no worker pass for the event

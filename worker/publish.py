@@ -2,7 +2,8 @@
 
 `attach_publisher(services)` wires three functions into `Services`:
 - `publish(outbox_ids)`: one `tasks.events.process_event` per event, after commit;
-- `extras["schedule_recount"](kind, org_id, owner_id, reason)`: a coalesced recount;
+- `extras["schedule_recount"](kind, org_id, owner_id, reason)`: a coalesced recount
+  (`extras["ensure_recount"]`: the same, true when one will count after the call);
 - `extras["warm_organization"](org_id) -> task_id`: POST /api/admin/cache/warm.
 
 A broker outage must never hold a request for long: a publish tries briefly, then gives up for a
@@ -73,6 +74,16 @@ class Publisher:
         """Coalesced: at most one recount per aggregate is pending. The task deletes the marker
         before it counts, so a change made while it runs schedules the next run. Returns True
         when this call scheduled one. Never raises: a lost recount only delays freshness."""
+        return self._schedule(kind, org_id, owner_id, reason) == "scheduled"
+
+    def ensure_recount(self, kind: str, org_id: str, owner_id: str,
+                       reason: str = "coalesced") -> bool:
+        """A recount will count after this call: this call scheduled it, or one was pending and
+        has not started (it deletes its marker first). False when none could be scheduled."""
+        return self._schedule(kind, org_id, owner_id, reason) in ("scheduled", "pending")
+
+    def _schedule(self, kind: str, org_id: str, owner_id: str, reason: str) -> str:
+        """"scheduled", "pending" (one was already) or "failed" (Redis or the broker down)."""
         from cache.store import Unavailable
 
         cache = self.services.cache
@@ -80,20 +91,20 @@ class Publisher:
         try:
             if not cache.call("coalesce", lambda: cache.client.set(key, "1", nx=True,
                                                                    ex=PENDING_TTL)):
-                return False
+                return "pending"
         except Unavailable:
-            return False
+            return "failed"
         try:
             self._send(RECOUNT, [kind, org_id, owner_id, reason],
                        countdown=self.services.settings.recompute_countdown)
-            return True
+            return "scheduled"
         except Exception as exc:
             log.warning("could not schedule a recount of %s %s: %s", kind, owner_id, exc)
             try:
                 cache.call("coalesce", lambda: cache.client.delete(key))
             except Unavailable:
                 pass
-            return False
+            return "failed"
 
     def warm_organization(self, org_id: str) -> str:
         try:
@@ -110,5 +121,6 @@ def attach_publisher(services, app=None) -> Publisher:
     services.extras["celery"] = app
     services.extras["publisher"] = publisher
     services.extras["schedule_recount"] = publisher.schedule_recount
+    services.extras["ensure_recount"] = publisher.ensure_recount
     services.extras["warm_organization"] = publisher.warm_organization
     return publisher
