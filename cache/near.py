@@ -254,23 +254,24 @@ class NearCache:
         return True
 
     def get(self, name: str, ticket: int | None) -> Any:
-        found = self.get_all((name,), ticket)
-        return MISSING if found is None else found[0]
+        return self.get_each((name,), ticket)[0]
 
-    def get_all(self, names: Iterable[str], ticket: int | None) -> list[Any] | None:
-        """The copies of all `names`, or None if one is missing (one lock for a request's keys)."""
+    def get_each(self, names: Iterable[str], ticket: int | None) -> list[Any]:
+        """The copy of each of `names`, MISSING where there is none (one lock for a request's
+        keys)."""
         if ticket is None:
-            return None
+            return [MISSING for _ in names]
         found = []
         with self._lock:
             now = time.monotonic()
             for name in names:
                 copy = self._copies.get(name)
-                if copy is None:
-                    return None
-                if copy.expires <= now:
+                if copy is not None and copy.expires <= now:
                     self._drop(name)
-                    return None
+                    copy = None
+                if copy is None:
+                    found.append(MISSING)
+                    continue
                 self._copies.move_to_end(name)
                 found.append(copy.value)
         return found

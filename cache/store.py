@@ -402,17 +402,38 @@ class RedisCache:
     def lookup_many(self, keys: Sequence[Key], side: Sequence["SideRead"] = (),
                     counted: bool = True) -> list[Lookup]:
         """Look up several keys in one round trip (e.g. the session and the entity of a request),
-        with `side` reads of other shapes (a statistics hash) in the same round trip. `counted`
+        with `side` reads of other shapes (a statistics hash) in the same round trip. What this
+        process's near cache holds is served from it; only the rest goes to Redis. `counted`
         False: not a reader's lookup (a warm-up after a write), left out of the hit and miss
         metrics, the tenants' counts and the hourly tally."""
         if self._owed_purges and not self._settle_owed_purges():
             return [Lookup(key, None) for key in keys]
         ticket = self.near.begin() if self.near and counted else None
+        near: list[Lookup | None] = [None] * len(keys)
         if ticket is not None:
-            near = self._lookup_near(keys, side, ticket)
-            if near is not None:
+            near = self._lookup_near(keys, ticket)
+            side = [read for read in side
+                    if not (getattr(read, "from_near", None) and read.from_near(self.near, ticket))]
+            if all(found is not None for found in near) and not side:
+                if self.counters.due():
+                    self.flush_counters()
+                self._count(near)
                 return near
+        remote = [key for key, found in zip(keys, near) if found is None]
+        fetched = iter(self._lookup_redis(remote, side, ticket))
+        found = [lookup if lookup is not None else next(fetched) for lookup in near]
+        if counted:
+            self._count(found)
+        return found
 
+    def _lookup_near(self, keys: Sequence[Key], ticket: int) -> list[Lookup | None]:
+        """Each key's copy in this process's near cache, or None where it has none."""
+        return [None if kept is MISSING else Lookup(kept.key, kept.tokens, kept.value, "l1")
+                for kept in self.near.get_each([key.name for key in keys], ticket)]
+
+    def _lookup_redis(self, keys: Sequence[Key], side: Sequence["SideRead"],
+                      ticket: int | None) -> list[Lookup]:
+        """`keys` and `side` reads from Redis in one round trip; what it finds is kept near."""
         def run() -> list:
             # EVALSHA in a plain pipeline: one round trip (on a cluster, one per shard touched,
             # sent together). A Script registered on a pipeline costs a SCRIPT EXISTS round trip
@@ -455,29 +476,11 @@ class RedisCache:
                     self.near.put(key.name, lookup, (*key.versions, key.name), ticket,
                                   max_age=_near_age(key))
             found.append(lookup)
-        if counted:
-            self._count(found)
         if ticket is not None:
             for read in side:
                 keep = getattr(read, "keep_near", None)
                 if keep:
                     keep(self.near, ticket)
-        return found
-
-    def _lookup_near(self, keys: Sequence[Key], side: Sequence["SideRead"],
-                     ticket: int) -> list[Lookup] | None:
-        """Every key and side read from this process's near cache, or None (then all of them go
-        to Redis in one round trip, as before)."""
-        kept = self.near.get_all([key.name for key in keys], ticket)
-        if kept is None:
-            return None
-        if not all(getattr(read, "from_near", None) and read.from_near(self.near, ticket)
-                   for read in side):
-            return None
-        if self.counters.due():
-            self.flush_counters()
-        found = [Lookup(lookup.key, lookup.tokens, lookup.value, "l1") for lookup in kept]
-        self._count(found)
         return found
 
     def _count(self, found: Sequence[Lookup]) -> None:

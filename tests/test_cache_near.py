@@ -230,3 +230,23 @@ def test_a_request_pings_itself_when_the_heartbeat_is_late_and_then_trusts_its_c
         near.clear()
         for tracker in near._trackers:
             tracker.close()
+
+
+def test_a_request_asks_redis_only_for_what_its_process_holds_no_copy_of(
+        client, admin, project, services, monkeypatch):
+    """The session stays near when the project it is read with was retired: the round trip
+    fetches (and keeps again) the project alone."""
+    url = f"/api/projects/{project['id']}"
+    warm(client, url, admin.headers)
+    org_id = admin.organization["id"]
+    assert services.cache.invalidate([keys.project_version(org_id, project["id"])],
+                                     org_ids=[org_id], family="project")
+    assert client.get(url, headers=admin.headers).headers["X-Cache"] == "MISS"  # stored again
+    kept = []
+    put = services.cache.near.put
+    monkeypatch.setattr(services.cache.near, "put",
+                        lambda name, *args, **kw: kept.append(name) or put(name, *args, **kw))
+    answer = client.get(url, headers=admin.headers)
+    assert answer.status_code == 200 and answer.json == project
+    assert kept == [keys.project(org_id, project["id"]).name]
+    assert client.get(url, headers=admin.headers).headers["X-Cache"] == "HIT-L1"
