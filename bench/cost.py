@@ -4,9 +4,9 @@
 Seeds the quick dataset into a MariaDB database of its own, starts the stack as `make up` does
 (gunicorn, a Celery worker, beat, Flower; a cache and a broker redis-server), and runs the
 benchmark's mixed workload (wrk, bench/lua/mixed.lua) three ways: reads only, writes only and
-the benchmark's 5% of writes. For each, the CPU seconds every process spent (user + system, from
-/proc, read before and after, with a pause after the load for the worker to finish), divided by
-the requests served. On a 2-core machine where everything shares the cores, CPU per request is
+the benchmark's 5% of writes. For each, the CPU seconds every process spent (bench/cpu.py: user +
+system, from /proc, read before and after, with a pause after the load for the worker to finish),
+divided by the requests served. On a 2-core machine where everything shares the cores, CPU per request is
 what bounds throughput. It still moves between runs here (the same reads cost 0.86 ms in one run
 and 1.08 ms in the next: shared cores run slower when busy), so compare within a run: the last
 line gives a write's cost in reads.
@@ -18,48 +18,25 @@ import argparse
 import time
 from dataclasses import replace
 
-import psutil
-
+from bench import cpu
 from bench.load import Load, wrk
 from bench.progress import log
 from bench.run import WRITE_SHARE, write_plans
 from bench.seed import QUICK
 from bench.tools import ensure_wrk
-from faults.env import Environment, process_tree
+from faults.env import Environment
 
 SETTLE = 4.0  # seconds after the load for the worker to finish what it was handed
 
 
-def cpu_seconds(pid: int) -> float:
-    times = psutil.Process(pid).cpu_times()
-    return times.user + times.system
-
-
-def cpu_by_process(env: Environment, supervisor: int) -> dict[str, float]:
-    """CPU seconds so far of each role of the stack (summed over its processes), of both
-    redis-servers and of MariaDB (the server is shared: what else runs on it counts too)."""
-    out: dict[str, float] = {}
-    for proc in process_tree(supervisor).procs:
-        try:
-            out[proc.role] = out.get(proc.role, 0.0) + cpu_seconds(proc.pid)
-        except psutil.NoSuchProcess:
-            pass
-    out["cache redis-server"] = cpu_seconds(env.cache.pid)
-    out["broker redis-server"] = cpu_seconds(env.broker.pid)
-    for proc in psutil.process_iter(["name"]):
-        if proc.info["name"] == "mariadbd":
-            out["mariadbd"] = cpu_seconds(proc.pid)
-    return out
-
-
 def measure(env: Environment, stack, load: Load, plan) -> dict:
-    before = cpu_by_process(env, stack.process.pid)
-    result = wrk(load, stack.base + "/", "mixed.lua", str(plan), "5")
-    time.sleep(SETTLE)
-    after = cpu_by_process(env, stack.process.pid)
-    spent = {name: after[name] - before.get(name, 0.0) for name in after}
+    redis = {env.cache.port: "cache redis-server", env.broker.port: "broker redis-server"}
+    with cpu.Window(redis) as window:
+        result = wrk(load, stack.base + "/", "mixed.lua", str(plan), "5")
+        time.sleep(SETTLE)
     return {"rps": result.rps, "requests": result.requests, "counters": result.counters,
-            "ms_per_request": {name: 1000 * s / result.requests for name, s in spent.items()}}
+            "ms_per_request": {name: 1000 * s / result.requests
+                               for name, s in window.spent.items() if name != "bench"}}
 
 
 def report(name: str, found: dict) -> None:

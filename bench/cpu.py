@@ -12,8 +12,9 @@ PROC = Path("/proc")
 TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def role(cmdline: str, redis_ports: tuple[int, ...]) -> str:
-    """The role a process plays in the benchmark, from its command line."""
+def role(cmdline: str, redis: dict[int, str]) -> str:
+    """The role a process plays in the benchmark, from its command line; a redis-server's is
+    the name `redis` gives its port (others are "other")."""
     if "gunicorn" in cmdline:
         return "web"
     if "celery" in cmdline:
@@ -25,7 +26,9 @@ def role(cmdline: str, redis_ports: tuple[int, ...]) -> str:
     if "mariadbd" in cmdline or "mysqld" in cmdline:
         return "mariadb"
     if "redis-server" in cmdline:
-        return "redis" if any(f":{p}" in cmdline for p in redis_ports) else "other"
+        bound = cmdline.split()[1:]  # "redis-server 127.0.0.1:6379 [cluster]"
+        return next((name for port, name in redis.items()
+                     if any(arg.endswith(f":{port}") for arg in bound)), "other")
     if "worker.flower" in cmdline:
         return "flower"
     if "stack.up" in cmdline or "stack.cluster" in cmdline:
@@ -35,7 +38,7 @@ def role(cmdline: str, redis_ports: tuple[int, ...]) -> str:
     return "other"
 
 
-def snapshot(redis_ports: tuple[int, ...] = ()) -> dict[int, tuple[str, float]]:
+def snapshot(redis: dict[int, str]) -> dict[int, tuple[str, float]]:
     """Every process's role and CPU seconds so far."""
     found, own = {}, os.getpid()
     for entry in PROC.iterdir():
@@ -51,7 +54,7 @@ def snapshot(redis_ports: tuple[int, ...] = ()) -> dict[int, tuple[str, float]]:
             continue  # kernel threads
         # Fields after the name: state is [0], utime [11], stime [12] (proc(5), 14 and 15).
         pid = int(entry.name)
-        found[pid] = ("bench" if pid == own else role(cmdline, redis_ports),
+        found[pid] = ("bench" if pid == own else role(cmdline, redis),
                                   (int(fields[11]) + int(fields[12])) / TICKS)
     return found
 
@@ -64,18 +67,19 @@ def children_cpu() -> float:
 
 
 class Window:
-    """CPU per role over a measurement: `with Window(ports) as w: ...`, then `w.spent`."""
+    """CPU per role over a measurement: `with Window({port: "redis"}) as w: ...`, then
+    `w.spent` (`redis` names the redis-servers of the system under test by port)."""
 
-    def __init__(self, redis_ports: tuple[int, ...] = ()) -> None:
-        self.redis_ports = redis_ports
+    def __init__(self, redis: dict[int, str]) -> None:
+        self.redis = redis
         self.spent: dict[str, float] = {}
 
     def __enter__(self) -> "Window":
-        self._before, self._children = snapshot(self.redis_ports), children_cpu()
+        self._before, self._children = snapshot(self.redis), children_cpu()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.spent = spent(self._before, snapshot(self.redis_ports))
+        self.spent = spent(self._before, snapshot(self.redis))
         self.spent["wrk"] = round(self.spent.get("wrk", 0.0) + children_cpu() - self._children, 2)
 
 

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {}
         load = threading.Thread(target=lambda: result.setdefault("r", wrk(
             bench.load, stack.base + path, script, *script_args, seconds=args.seconds)))
-        with cpu.Window((bench.redis_server.port,)) as spent:
+        with cpu.Window({bench.redis_server.port: "redis"}) as spent:
             load.start()
             load.join()
         _, err = spy.communicate(timeout=60)

@@ -278,7 +278,7 @@ class Bench:
                                       probe_task, count=count,
                                       interval=max(0.02, self.load.seconds * 2 / count - 0.01))
         health = self.stack.base + "/health"
-        ports = (self.redis_server.port,)
+        ports = {self.redis_server.port: "redis"}  # the cache's and the broker's
         commands = probes.RedisCommands(self.redis_server.url_for(0))
         with cpu.Window(ports) as health_cpu:
             health_before = wrk(self.load, health, "auth.lua", "")
