@@ -19,6 +19,8 @@ import os
 import shutil
 import socket
 import sys
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -200,6 +202,15 @@ class Topology:
         self.published = pids
 
 
+def reaches_an_instance(edge: str) -> bool:
+    """nginx answers with an API instance's answer (X-Instance), not its own 503."""
+    try:
+        with urllib.request.urlopen(edge, timeout=0.5) as answer:
+            return bool(answer.headers.get("X-Instance"))
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 def print_urls(stack: Topology) -> None:
     settings = load_settings()
     here = local_host(settings)
@@ -232,14 +243,17 @@ def run(args: argparse.Namespace, stop: StopRequest) -> int:
             if args.log_dir:
                 shutil.chown(args.log_dir, user)
         stack.start(stop, user)
-        edges = [f"http://{local_host(settings)}:{settings.web_port}/health",
-                 *(f"http://127.0.0.1:{port}/health" for port in stack.api_ports.values())]
+        edge = f"http://{local_host(settings)}:{settings.web_port}/health"
+        instances = [f"http://127.0.0.1:{port}/health" for port in stack.api_ports.values()]
         announced = False
 
         def on_tick() -> None:
             nonlocal announced
             stack.publish_state()
-            if not announced and all(http_answers(url) for url in edges):
+            # The instances first, then the edge, which must reach one: asked before they
+            # listened, nginx would rest them (FAIL_TIMEOUT) and answer the first clients 503.
+            if not announced and all(http_answers(url) for url in instances) \
+                    and reaches_an_instance(edge):
                 print_urls(stack)
                 announced = True
 
