@@ -96,6 +96,12 @@ def spent(before: dict[int, tuple[str, float]],
     return {name: round(value, 2) for name, value in sorted(totals.items())}
 
 
+def one_write(mixed: float, reads: float, share: float) -> float:
+    """A write's part of a per-request quantity of the mix, which makes (1 - share) reads and
+    share writes per request: the mixed run's figure less its reads' (a run of reads only)."""
+    return (mixed - (1 - share) * reads) / share
+
+
 def per_request(runs: dict[str, tuple[dict[str, float], int]],
                 write_share: float) -> dict[str, dict[str, float]]:
     """Microseconds of CPU per request by role for each run, and for one write of the mix: the
@@ -107,8 +113,7 @@ def per_request(runs: dict[str, tuple[dict[str, float], int]],
     mixed, reads = out.get("mixed"), out.get("reads_only")
     if mixed and reads and write_share:
         out["one_write"] = {
-            role: round((mixed.get(role, 0.0) - (1 - write_share) * reads.get(role, 0.0))
-                        / write_share, 1)
+            role: round(one_write(mixed.get(role, 0.0), reads.get(role, 0.0), write_share), 1)
             for role in sorted(set(mixed) | set(reads)) if role != "total"}
         out["one_write"]["total"] = round(sum(v for k, v in out["one_write"].items()
                                               if k != "bench"), 1)

@@ -18,6 +18,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from aggregates import PROJECT_STATS
+from bench.cpu import one_write
 from cache import codec
 
 
@@ -180,8 +181,8 @@ class RedisCommands:
         mixed, reads = self.runs.get("mixed", {}), self.runs.get("reads_only", {})
         if not (mixed_requests and reads_requests and share):
             return {}
-        out = {name: ((mixed.get(name, 0) / mixed_requests)
-                      - (1 - share) * reads.get(name, 0) / reads_requests) / share
+        out = {name: one_write(mixed.get(name, 0) / mixed_requests,
+                               reads.get(name, 0) / reads_requests, share)
                for name in set(mixed) | set(reads)}
         return {name: round(v, 1) for name, v in sorted(out.items(), key=lambda kv: -kv[1])
                 if abs(v) >= 0.1}
