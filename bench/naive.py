@@ -4,22 +4,35 @@ request, served by the project's own gunicorn settings on the same machine, data
 - `/health`: a constant, as the API's /health;
 - `/read`: one Redis GET of a cached value, returned as it is (the issue's naive prototype);
 - `/write`: one row UPDATE in MariaDB, committed (what any durable write pays, before an outbox,
-  a cache or a worker).
+  a cache or a worker);
+- `/write-promised`: the least a write of this API does to keep its promises (no lost write or
+  invalidation, counts that add up, read-your-writes): in one transaction it locks the project's
+  row, updates the task's, numbers the change on the project and inserts its outbox row; after the
+  commit and before the answer, one pipeline bumps the task's and the list's versions and adds the
+  change to the cached statistics. Its outbox rows are never marked done (this API batches those
+  stamps, a few per hundred writes);
+- `/mix`: the benchmark's mix at these floors: every twentieth request of a process is a promised
+  write, the others the read (the mixed workload's 5% of writes).
 
 `gunicorn -c web/gunicorn_conf.py "bench.naive:create_app()"` with NAIVE_DATABASE_URL and
-NAIVE_REDIS_URL. Its table (`bench_naive_floor`) is created by `prepare` and dropped by `drop`.
+NAIVE_REDIS_URL. Its tables (`bench_naive_*`) are created by `prepare` and dropped by `drop`.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 
 from flask import Flask, Response
 from sqlalchemy import create_engine, text
 
 TABLE = "bench_naive_floor"
+PROJECTS_TABLE = "bench_naive_project"
+OUTBOX_TABLE = "bench_naive_outbox"
 ROWS = 1000
+PROJECTS = 20
+MIX_EVERY = 20  # one write in twenty requests: the mixed workload's 5%
 READ_KEY = "bench:naive:value"
 
 
@@ -30,6 +43,7 @@ def create_app() -> Flask:
     engine = create_engine(os.environ["NAIVE_DATABASE_URL"], pool_size=8, pool_pre_ping=False)
     cache = redis.Redis.from_url(os.environ["NAIVE_REDIS_URL"])
     rows = itertools.count()
+    requests = itertools.count()
 
     @app.get("/health")
     def health():
@@ -46,23 +60,56 @@ def create_app() -> Flask:
             conn.execute(text(f"UPDATE {TABLE} SET v = v + 1 WHERE id = :id"), {"id": row})
         return {"id": row}
 
+    @app.get("/write-promised")
+    def write_promised():
+        row = next(rows) % ROWS + 1
+        project = row % PROJECTS + 1
+        with engine.begin() as conn:
+            conn.execute(text(f"SELECT seq FROM {PROJECTS_TABLE} WHERE id = :p FOR UPDATE"),
+                         {"p": project})
+            conn.execute(text(f"UPDATE {TABLE} SET v = v + 1 WHERE id = :id"), {"id": row})
+            conn.execute(text(f"UPDATE {PROJECTS_TABLE} SET seq = seq + 1 WHERE id = :p"),
+                         {"p": project})
+            conn.execute(text(f"INSERT INTO {OUTBOX_TABLE} (payload) VALUES (:payload)"),
+                         {"payload": json.dumps({"task": row, "project": project,
+                                                 "deltas": [{"TODO": -1, "COMPLETED": 1}]})})
+        pipe = cache.pipeline(transaction=False)
+        pipe.incr(f"bench:naive:v:task:{row}")
+        pipe.incr(f"bench:naive:v:list:{project}")
+        pipe.hincrby(f"bench:naive:stats:{project}", "COMPLETED", 1)
+        pipe.execute()
+        return {"id": row}
+
+    @app.get("/mix")
+    def mix():
+        return write_promised() if next(requests) % MIX_EVERY == 0 else read()
+
     return app
 
 
 def prepare(engine, cache, value: bytes) -> None:
-    """The table the writes update and the value the reads return."""
+    """The tables the writes update and the value the reads return."""
     with engine.begin() as conn:
         conn.execute(text(f"CREATE TABLE {TABLE} (id INT PRIMARY KEY, v INT NOT NULL) "
                           "ENGINE=InnoDB"))
         conn.execute(text(f"INSERT INTO {TABLE} (id, v) VALUES (:id, 0)"),
                      [{"id": i} for i in range(1, ROWS + 1)])
+        conn.execute(text(f"CREATE TABLE {PROJECTS_TABLE} (id INT PRIMARY KEY, "
+                          "seq BIGINT NOT NULL) ENGINE=InnoDB"))
+        conn.execute(text(f"INSERT INTO {PROJECTS_TABLE} (id, seq) VALUES (:id, 0)"),
+                     [{"id": i} for i in range(1, PROJECTS + 1)])
+        conn.execute(text(f"CREATE TABLE {OUTBOX_TABLE} (id BIGINT AUTO_INCREMENT PRIMARY KEY, "
+                          "payload JSON NOT NULL, processed_at DATETIME NULL) ENGINE=InnoDB"))
     cache.set(READ_KEY, value)
 
 
 def drop(engine, cache) -> None:
     with engine.begin() as conn:
-        conn.execute(text(f"DROP TABLE IF EXISTS {TABLE}"))
+        for table in (TABLE, PROJECTS_TABLE, OUTBOX_TABLE):
+            conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
     cache.delete(READ_KEY)
+    for name in cache.scan_iter("bench:naive:*", count=1000):
+        cache.delete(name)
 
 
 def main() -> None:

@@ -261,12 +261,7 @@ class FreshnessProbe(threading.Thread):
             time.sleep(0.002)
 
     def report(self) -> dict:
-        def pct(values: list[float], q: float) -> float | None:
-            if not values:
-                return None
-            ordered = sorted(values)
-            return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
-
+        pct = _percentile_ms
         return {"samples": len(self.from_send), "timeouts": self.timeouts,
                 "p50_ms": pct(self.from_send, 0.50), "p99_ms": pct(self.from_send, 0.99),
                 "max_ms": pct(self.from_send, 1.0),
@@ -277,6 +272,45 @@ class FreshnessProbe(threading.Thread):
                 "first_poll_share": round(sum(1 for p in self.polls if p == 1)
                                           / len(self.polls), 3) if self.polls else None,
                 "errors": self.errors[:5]}
+
+
+class AnswerProbe(threading.Thread):
+    """One request at a time, `interval` apart, until stopped: each one's latency, sent to
+    answered. On the naive app a promised write's answer comes after its bump, so this is the
+    floor of the freshness probe's measure (sent to visible) under the same load."""
+
+    def __init__(self, base: str, path: str, *, interval: float) -> None:
+        super().__init__(name="answer-probe", daemon=True)
+        self.base, self.path, self.interval = base, path, interval
+        self.latencies: list[float] = []
+        self.errors: list[str] = []
+        self.stop_flag = threading.Event()
+
+    def run(self) -> None:
+        client = Client(self.base)
+        try:
+            while not self.stop_flag.wait(self.interval):
+                sent = time.perf_counter()
+                status, body, _ = client.get(self.path)
+                if status != 200:
+                    self.errors.append(f"{self.path}: {status} {body}")
+                    continue
+                self.latencies.append(time.perf_counter() - sent)
+        except Exception as exc:  # reported, never fatal to the benchmark
+            self.errors.append(repr(exc))
+        finally:
+            client.close()
+
+    def report(self) -> dict:
+        return {"samples": len(self.latencies), "p50_ms": _percentile_ms(self.latencies, 0.50),
+                "p99_ms": _percentile_ms(self.latencies, 0.99), "errors": self.errors[:5]}
+
+
+def _percentile_ms(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
 
 
 # -- a burst of writes ----------------------------------------------------------------------------

@@ -539,10 +539,22 @@ class Bench:
         out: dict = {}
         try:
             stack.start()
-            log("naive app (bench/naive.py): the floors of a read and a write")
+            log("naive app (bench/naive.py): the floors of a read, a write and the mix")
             out["health"] = self.measure("/health", "/health")
             out["read"] = self.measure_against_health("one Redis GET", "/read")
             out["write"] = self.measure_against_health("one UPDATE, committed", "/write")
+            out["write_promised"] = self.measure_against_health(
+                "a write with its promises", "/write-promised")
+            # The mix at these floors, with a write probe: how soon a write is visible (it is
+            # once answered) on a machine this busy, whatever the implementation.
+            probe = probes.AnswerProbe(stack.base, "/write-promised", interval=0.02)
+            probe.start()
+            out["mix"] = self.measure_against_health("the mix (5% promised writes)", "/mix")
+            probe.stop_flag.set()
+            probe.join(timeout=30)
+            answers = out["write_answer_in_mix"] = probe.report()
+            log(f"  a promised write's answer under that mix: p50 {answers['p50_ms']} ms "
+                f"p99 {answers['p99_ms']} ms ({answers['samples']} probes)")
         finally:
             stack.stop()
             naive.drop(self.engine, cache)
