@@ -426,6 +426,16 @@ class RedisCache:
             self._count(found)
         return found
 
+    def held(self, key: Key) -> Any:
+        """This process's near copy of `key`'s value, MISSING where it holds none it may trust
+        now: no round trip, and not a reader's lookup (not counted). A writer's hint, which its
+        row locks check."""
+        if not self.enabled or self.near is None or self._owed_purges:
+            return MISSING
+        ticket = self.near.begin()
+        kept = self.near.get(key.name, ticket)
+        return MISSING if kept is MISSING else kept.value
+
     def _lookup_near(self, keys: Sequence[Key], ticket: int) -> list[Lookup | None]:
         """Each key's copy in this process's near cache, or None where it has none."""
         return [None if kept is MISSING else Lookup(kept.key, kept.tokens, kept.value, "l1")

@@ -218,14 +218,19 @@ def create_task(services: Services, actor: Actor, project_id: str, fields: dict)
 
 def _locked_task(uow: UnitOfWork, actor: Actor, task_id: str) -> tuple[Task, Project]:
     """The task and its project, locked project first: every write to a project's tasks takes
-    the project's lock first, so writers of one project queue instead of deadlocking."""
-    project_id = uow.session.scalar(select(Task.project_id).where(
-        Task.id == task_id, Task.organization_id == actor.org_id))
+    the project's lock first, so writers of one project queue instead of deadlocking.
+
+    A task never changes project: this process's near copy of the task, when it holds one,
+    names the project to lock without a query (a tenth of a write's CPU in the API). The task's
+    own lock checks it."""
+    held = uow.services.cache.held(keys.task(actor.org_id, task_id))  # MISSING, None or a task
+    project_id = held["project_id"] if isinstance(held, dict) else uow.session.scalar(
+        select(Task.project_id).where(Task.id == task_id, Task.organization_id == actor.org_id))
     if project_id is None:
         raise NotFound("no such task")
     project = locked_project(uow, actor, project_id)
     task = uow.session.get(Task, task_id, with_for_update=True)
-    if task is None:
+    if task is None or task.organization_id != actor.org_id or task.project_id != project.id:
         raise NotFound("no such task")
     return task, project
 

@@ -16,7 +16,7 @@ from cache import codec, keys
 from cache.near import NearCache
 from cache.store import MISSING, Lookup
 from services.context import build_services
-from tests.cache_helpers import raw
+from tests.cache_helpers import count_sql, raw
 from web import create_app
 
 pytestmark = pytest.mark.usefixtures("services")
@@ -250,3 +250,47 @@ def test_a_request_asks_redis_only_for_what_its_process_holds_no_copy_of(
     assert answer.status_code == 200 and answer.json == project
     assert kept == [keys.project(org_id, project["id"]).name]
     assert client.get(url, headers=admin.headers).headers["X-Cache"] == "HIT-L1"
+
+
+def test_a_write_to_a_task_its_process_holds_finds_the_project_to_lock_without_a_query(
+        client, admin, project, services):
+    """A task never changes project: the writer's near copy names the project it locks."""
+    task = client.post(f"/api/projects/{project['id']}/tasks", json={"title": "T"},
+                       headers=admin.headers).json
+    url = f"/api/tasks/{task['id']}"
+
+    def project_queries(status: str) -> list[str]:
+        with count_sql(services) as sql:
+            answer = client.patch(url, json={"status": status}, headers=admin.headers)
+        assert answer.status_code == 200 and answer.json["status"] == status
+        return [s for s in sql.statements if s.lstrip().startswith("SELECT tasks.project_id")]
+
+    services.cache.near.clear()
+    assert len(project_queries("IN_PROGRESS")) == 1
+    warm(client, url, admin.headers)
+    assert project_queries("COMPLETED") == []
+    stats = client.get(f"/api/projects/{project['id']}/stats", headers=admin.headers).json
+    assert stats["completed_tasks"] == 1 and stats["total_tasks"] == 1
+
+
+def test_a_near_copy_naming_another_project_is_caught_by_the_task_lock(
+        client, admin, project, services):
+    """Whatever a copy says, the write checks the locked task belongs to the locked project, and
+    a mismatch writes nothing."""
+    task = client.post(f"/api/projects/{project['id']}/tasks", json={"title": "T"},
+                       headers=admin.headers).json
+    elsewhere = client.post("/api/projects", json={"name": "Other"}, headers=admin.headers).json
+    url = f"/api/tasks/{task['id']}"
+    warm(client, url, admin.headers)
+    near, key = services.cache.near, keys.task(admin.organization["id"], task["id"])
+    ticket = near.begin()
+    held = near.get(key.name, ticket)
+    forged = Lookup(key, held.tokens, {**held.value, "project_id": elsewhere["id"]}, "l1")
+    assert near.put(key.name, forged, (*key.versions, key.name), ticket, max_age=60)
+    answer = client.patch(url, json={"status": "COMPLETED"}, headers=admin.headers)
+    assert answer.status_code == 404
+    near.clear()
+    assert client.get(url, headers=admin.headers).json["status"] == "TODO"
+    for pid in (project["id"], elsewhere["id"]):
+        stats = client.get(f"/api/projects/{pid}/stats", headers=admin.headers).json
+        assert stats["completed_tasks"] == 0
