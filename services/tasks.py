@@ -95,12 +95,13 @@ def warm_after_write(uow: UnitOfWork, org_id: str, project_id: str,
     most: the task (`task_id`; None after a delete) and the first page of its project's task
     list as a read without query parameters gets it. Call it before the commit.
 
-    The values are loaded from committed data before the bumps and stored by the bumps' own
-    script, only if no other write bumped in between (UnitOfWork.warm, cache.store._BUMP): a
-    reader never finds the key retired and not yet stored again, and a value stored under
-    current tokens was loaded after every write whose bump came before. No single-flight
-    lock: a reader loading the same key at once stores the same committed data. With Redis
-    unavailable it does nothing; no error of its own reaches the write, which is committed.
+    The values are loaded as the write commits them (in its transaction, under its locks: see
+    UnitOfWork._load_to_warm) and stored by the bumps' own script, only if no other write
+    bumped in between (UnitOfWork.warm, cache.store._BUMP): a reader never finds the key
+    retired and not yet stored again, and a value stored under current tokens was loaded after
+    every write whose bump came before. No single-flight lock: a reader loading the same key at
+    once stores the same committed data. With Redis unavailable it does nothing; no error of
+    its own fails the write, save the database's.
 
     `moved=False` says the write left the task where it was in its project's order (an update:
     the order is by creation): a cached first page is then revised with the task's new row
@@ -116,7 +117,7 @@ def warm_after_write(uow: UnitOfWork, org_id: str, project_id: str,
         return
     load = _once_per_session(load_task(org_id, task_id))
     uow.warm(keys.task(org_id, task_id), load)
-    uow.warm(page_key, load_page, None if moved else _page_revised(task_id, load, load_page))
+    uow.warm(page_key, load_page, None if moved else _page_revised(task_id, load))
 
 
 def _once_per_session(load):
@@ -130,16 +131,14 @@ def _once_per_session(load):
     return once
 
 
-def _page_revised(task_id: str, load_task_row, load_page):
-    """A cached page with the task's new row in place of its old one. The task kept its place,
-    so a page without it is unchanged; a task deleted since (by a later write) has the page
-    loaded whole."""
+def _page_revised(task_id: str, load_task_row):
+    """A cached page with the task's new row in place of its old one (in the write's
+    transaction, which holds the task's lock). The task kept its place, so a page without it
+    is unchanged."""
     def revise(page: dict, db) -> dict:
         if not any(item["id"] == task_id for item in page["items"]):
             return page
         row = load_task_row(db)
-        if row is None:
-            return load_page(db)
         # A new page: cached values are shared by readers and never changed in place.
         return {**page, "items": [row if item["id"] == task_id else item
                                   for item in page["items"]]}

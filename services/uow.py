@@ -67,13 +67,13 @@ class UnitOfWork:
 
     def commit(self) -> None:
         self.session.flush()  # statements first: a connection lost here lost nothing committed
+        loaded = self._load_to_warm()
         try:
             self.session.commit()
         except OperationalError as exc:
             if not self._committed_after_all(exc):
                 raise
         events, self.events = self.events, []
-        loaded = self._load_to_warm()
         bumped = Bumped()
         finished, unfinished = [], []
         named: set[str] = set()
@@ -100,19 +100,26 @@ class UnitOfWork:
             self._publish(unfinished)
 
     def _load_to_warm(self) -> list[tuple[Lookup, Load, Any]]:
-        """The values to warm, loaded after commit and before the bumps, each after a lookup of
-        its tokens. Stored by the bumps' own script, and only if no other write bumped since
-        that lookup (cache.store._BUMP, `Bumped`): then every write the load missed bumps later
-        and retires the value, and no reader finds the key retired and not yet stored. Until
-        the bump readers read the old value, which is right while the write is unanswered."""
+        """The values to warm, each loaded after a lookup of its tokens, in the write's own
+        transaction: flushed, its locks held, about to commit. Stored by the bumps' own script,
+        and only if no other write bumped since that lookup (cache.store._BUMP, `Bumped`).
+
+        Why the transaction's view is the committed one: READ COMMITTED (db/) shows each
+        statement every commit before it, and this write's rows, which commit as they are. A
+        write that commits after the load bumps after the lookup, so it fails the check or
+        retires the value; and every writer of a project's tasks waits for the project's lock
+        this write holds. Loading here, not after the commit, spares a session of its own and
+        the queries of what the write already holds (the task is its own object). Until the
+        bump readers read the old value, which is right while the write is unanswered."""
         if not self.to_warm or not self.services.settings.warm_after_write:
             return []
-        return self._lookup_and_load(self.to_warm, only_missing=False)
+        return self._lookup_and_load(self.to_warm, only_missing=False, session=self.session)
 
     def _lookup_and_load(self, targets: list[tuple[Key, Load, Revise | None]], *,
-                         only_missing: bool) -> list[tuple[Lookup, Load, Any]]:
+                         only_missing: bool,
+                         session: Session | None = None) -> list[tuple[Lookup, Load, Any]]:
         """Each target's lookup, its loader and the value loaded, or revised (after the
-        lookup)."""
+        lookup), in `session` or, after the commit, a session of its own."""
         try:
             lookups = self.services.cache.lookup_many([key for key, _, _ in targets],
                                                       counted=False)
@@ -120,14 +127,25 @@ class UnitOfWork:
                    if lookup.tokens is not None and not (only_missing and lookup.hit)]
             if not due:
                 return []  # Redis unreachable (or nothing missing): nothing to load
-            # A session of its own: the write's would answer from its objects, not the database.
-            with self.services.db.session() as session:
-                return [(lookup, load, revise(lookup.value, session)
-                         if revise is not None and lookup.hit else load(session))
-                        for lookup, load, revise in due]
-        except Exception as exc:  # the write is committed: a failed warm-up is a later miss
+            if session is not None:
+                return self._loaded(due, session)
+            with self.services.db.session() as own:
+                return self._loaded(due, own)
+        except DBAPIError:
+            if session is not None:
+                raise  # the write's own transaction: its commit would meet the same fault
+            log.warning("warm-up after a write failed to load", exc_info=True)
+            return []
+        except Exception as exc:  # the write stands: a failed warm-up is a later miss
             log.warning("warm-up after a write failed to load: %s", exc)
             return []
+
+    @staticmethod
+    def _loaded(due: list[tuple[Lookup, Load, Revise | None]],
+                session: Session) -> list[tuple[Lookup, Load, Any]]:
+        return [(lookup, load, revise(lookup.value, session)
+                 if revise is not None and lookup.hit else load(session))
+                for lookup, load, revise in due]
 
     @staticmethod
     def _store_with_last_bumps(loaded: list[tuple[Lookup, Load, Any]],

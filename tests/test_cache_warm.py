@@ -114,12 +114,13 @@ def test_with_the_setting_off_the_next_reader_misses_as_before(client, admin, ta
 @pytest.mark.parametrize("second_writer_warms", [True, False], ids=["B warms", "B does not"])
 def test_a_warm_up_that_loaded_before_a_concurrent_write_never_leaves_its_older_value(
         client, admin, task, services, monkeypatch, second_writer_warms):
-    """Writer A commits; A's warm-up looks up and loads its value; writer B then commits and
+    """Writer A's warm-up looks up and loads its value, and A commits; writer B then commits and
     bumps; only then does A bump. A's value must go nowhere: A loads again after its bump, and
     what is cached and served afterwards is B's value, the database's."""
     actor, tid = as_admin(admin), task["id"]
     real_load_task = task_service.load_task
-    b = {}
+    real_invalidate = services.cache.invalidate
+    b: dict = {}
 
     def run_writer_b() -> None:
         if not second_writer_warms:
@@ -132,12 +133,17 @@ def test_a_warm_up_that_loaded_before_a_concurrent_write_never_leaves_its_older_
 
         def loading(db):
             value = load(db)
-            if not b:  # A's load happened: B writes before A's warm-up stores
-                b["loaded_by_a"] = value
-                run_writer_b()
+            b.setdefault("loaded_by_a", value)
             return value
         return loading
 
+    def invalidate(*args, **kwargs):
+        if "running" not in b:  # A committed: B writes before A's bump stores
+            b["running"] = True
+            run_writer_b()
+        return real_invalidate(*args, **kwargs)
+
+    monkeypatch.setattr(services.cache, "invalidate", invalidate)
     monkeypatch.setattr(task_service, "load_task", load_task)
     reloaded = warmed("task", "reloaded")
     a = update_task(services, actor, tid, {"title": "A"})
