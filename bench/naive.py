@@ -3,6 +3,8 @@ request, served by the project's own gunicorn settings on the same machine, data
 
 - `/health`: a constant, as the API's /health;
 - `/read`: one Redis GET of a cached value, returned as it is (the issue's naive prototype);
+- `/read-held`: the same value held by the process, for a bearer token verified once (pyjwt, as
+  the API): an authenticated read with no round trip, the floor of every warm read of the API;
 - `/write`: one row UPDATE in MariaDB, committed (what any durable write pays, before an outbox,
   a cache or a worker);
 - `/write-promised`: the least a write of this API does to keep its promises (no lost write or
@@ -14,8 +16,9 @@ request, served by the project's own gunicorn settings on the same machine, data
 - `/mix`: the benchmark's mix at these floors: every twentieth request of a process is a promised
   write, the others the read (the mixed workload's 5% of writes).
 
-`gunicorn -c web/gunicorn_conf.py "bench.naive:create_app()"` with NAIVE_DATABASE_URL and
-NAIVE_REDIS_URL. Its tables (`bench_naive_*`) are created by `prepare` and dropped by `drop`.
+`gunicorn -c web/gunicorn_conf.py "bench.naive:create_app()"` with NAIVE_DATABASE_URL,
+NAIVE_REDIS_URL and NAIVE_SECRET (the key the benchmark's tokens are signed with). Its tables
+(`bench_naive_*`) are created by `prepare` and dropped by `drop`.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import time
 
-from flask import Flask, Response
+from flask import Flask, Response, request
 from sqlalchemy import create_engine, text
 
 TABLE = "bench_naive_floor"
@@ -37,6 +41,7 @@ READ_KEY = "bench:naive:value"
 
 
 def create_app() -> Flask:
+    import jwt
     import redis
 
     app = Flask(__name__)
@@ -44,6 +49,9 @@ def create_app() -> Flask:
     cache = redis.Redis.from_url(os.environ["NAIVE_REDIS_URL"])
     rows = itertools.count()
     requests = itertools.count()
+    secret = os.environ["NAIVE_SECRET"]
+    verified: dict[str, dict] = {}
+    held = cache.get(READ_KEY)
 
     @app.get("/health")
     def health():
@@ -52,6 +60,19 @@ def create_app() -> Flask:
     @app.get("/read")
     def read():
         return Response(cache.get(READ_KEY), mimetype="application/json")
+
+    @app.get("/read-held")
+    def read_held():
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        claims = verified.get(token)
+        if claims is None:
+            try:
+                claims = verified[token] = jwt.decode(token, secret, algorithms=["HS256"])
+            except jwt.InvalidTokenError:
+                return {"title": "Unauthorized"}, 401
+        if claims["exp"] <= time.time():
+            return {"title": "Unauthorized"}, 401
+        return Response(held, mimetype="application/json")
 
     @app.get("/write")
     def write():

@@ -532,6 +532,7 @@ class Bench:
             {"project_id": "p" * 36, "tasks_by_status": {"TODO": 250, "IN_PROGRESS": 250,
              "BLOCKED": 250, "COMPLETED": 250}, "total": 1000, "overdue": 12}).encode())
         env = {"NAIVE_DATABASE_URL": self.db_url, "NAIVE_REDIS_URL": self.redis_server.url_for(0),
+               "NAIVE_SECRET": self.secret,
                "WEB_PORT": str(free_port())}
         stack = Stack("naive", env, with_workers=False, log_path=LOG_DIR / "naive.log",
                       command=("bench.naive",))
@@ -542,6 +543,8 @@ class Bench:
             log("naive app (bench/naive.py): the floors of a read, a write and the mix")
             out["health"] = self.measure("/health", "/health")
             out["read"] = self.measure_against_health("one Redis GET", "/read")
+            out["read_held"] = self.measure_against_health("a value held, a token verified",
+                                                           "/read-held", self.token0)
             out["write"] = self.measure_against_health("one UPDATE, committed", "/write")
             out["write_promised"] = self.measure_against_health(
                 "a write with its promises", "/write-promised")
