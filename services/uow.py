@@ -131,12 +131,9 @@ class UnitOfWork:
                 return self._loaded(due, session)
             with self.services.db.session() as own:
                 return self._loaded(due, own)
-        except DBAPIError:
-            if session is not None:
-                raise  # the write's own transaction: its commit would meet the same fault
-            log.warning("warm-up after a write failed to load", exc_info=True)
-            return []
-        except Exception as exc:  # the write stands: a failed warm-up is a later miss
+        except Exception as exc:  # a failed warm-up is a later miss, not a failed write
+            if session is not None and isinstance(exc, DBAPIError):
+                raise  # but in the write's own transaction, its commit would meet the fault
             log.warning("warm-up after a write failed to load: %s", exc)
             return []
 

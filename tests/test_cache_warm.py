@@ -317,3 +317,51 @@ def test_the_warm_up_is_counted_apart_from_the_readers_misses(client, admin, tas
                                                                          stored[1] + 1)
     assert client.get(f"/api/tasks/{task['id']}",
                       headers=admin.headers).headers["X-Cache"] in CACHED
+
+
+@in_process
+def test_a_warm_up_that_fails_leaves_the_write_committed_and_its_key_to_the_next_reader(
+        client, admin, task, monkeypatch):
+    def broken(org_id, task_id):
+        def load(db):
+            raise RuntimeError("a loader's bug")
+        return load
+
+    monkeypatch.setattr(task_service, "load_task", broken)
+    url = f"/api/tasks/{task['id']}"
+    answer = client.patch(url, json={"title": "After"}, headers=admin.headers)
+    assert answer.status_code == 200 and answer.json["title"] == "After"
+    monkeypatch.undo()
+    read = client.get(url, headers=admin.headers)
+    assert (read.headers["X-Cache"], read.json["title"]) == ("MISS", "After")
+
+
+@in_process
+def test_a_connection_lost_in_the_warm_up_runs_the_whole_write_again_once(
+        client, admin, project, services, monkeypatch):
+    """The warm-up loads in the write's transaction: a lost connection there is the write's
+    own fault, rolled back and retried whole, never committed half or twice."""
+    from sqlalchemy.exc import OperationalError
+
+    real_load_task = task_service.load_task
+    failures = []
+
+    def once_lost(org_id, task_id):
+        load = real_load_task(org_id, task_id)
+
+        def loading(db):
+            if not failures:
+                failures.append(task_id)
+                raise OperationalError("SELECT", {}, Exception("lost"),
+                                       connection_invalidated=True)
+            return load(db)
+        return loading
+
+    monkeypatch.setattr(task_service, "load_task", once_lost)
+    made = make_task(client, admin.headers, project["id"], title="Once")
+    assert len(failures) == 1 and failures[0] != made["id"]  # the first attempt's task id
+    page = client.get(f"/api/projects/{project['id']}/tasks", headers=admin.headers).json
+    assert [t["title"] for t in page["items"]] == ["Once"]
+    stats = client.get(f"/api/projects/{project['id']}/stats", headers=admin.headers).json
+    assert stats["total_tasks"] == 1
+    assert in_database(services, failures[0]) is None
