@@ -3,11 +3,13 @@ in gunicorn they are aggregated across workers through PROMETHEUS_MULTIPROC_DIR.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import threading
 import time
-from typing import Iterable
+from collections import deque
+from typing import Iterable, Iterator
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -80,17 +82,26 @@ near_probes = Counter("cache_near_probes_total",
                       "was late (a busy process)")
 
 
+def drain(queue: deque) -> Iterator:
+    """Take what `queue` holds now, oldest first, while other threads go on appending (each
+    popleft is atomic; the deque is never swapped, so no append is lost)."""
+    for _ in range(len(queue)):
+        yield queue.popleft()
+
+
 class LookupCounts:
     """Readers' lookups as hits and misses (by layer, key family and organization), counted in
     this process and added to their Prometheus series once per `interval` seconds by a thread of
     its own, started in each process on its first count. A warm read makes two or three lookups,
     and in multiprocess mode every increment is an mmap write under a lock: one by one, with the
-    tenants' series, they were 34 of a warm task GET's 235 us in-process (BENCHMARKS.md)."""
+    tenants' series, they were 34 of a warm task GET's 235 us in-process (BENCHMARKS.md).
+    A request appends its lookups to a deque (atomic, no lock: gunicorn's threads queued on the
+    lock that was here) and the flush sums them."""
 
     def __init__(self, interval: float = 1.0) -> None:
         self.interval = interval
-        self._lock = threading.Lock()
-        self._pending: dict[tuple[str, str, bool, str | None], int] = {}
+        self._lock = threading.Lock()  # starting the flusher, and one flush at a time
+        self._pending: deque[tuple[tuple[str, str, bool, str | None], ...]] = deque()
         self._series: dict[tuple[str, str, bool], object] = {}
         self._flusher_pid: int | None = None
         # A forked child (a gunicorn worker) starts with no flusher and nothing counted: its
@@ -102,22 +113,23 @@ class LookupCounts:
         self.add_all(((layer, family, hit, org_id),))
 
     def add_all(self, lookups: Iterable[tuple[str, str, bool, str | None]]) -> int:
-        """Count (layer, family, hit, org_id) lookups under one lock; returns the hits."""
-        hits = 0
+        """Count (layer, family, hit, org_id) lookups; returns the hits."""
+        counted = tuple(lookups)
+        self._pending.append(counted)
+        if self._flusher_pid is None:
+            self._start_flusher()
+        return sum(lookup[2] for lookup in counted)
+
+    def _start_flusher(self) -> None:
         with self._lock:
-            pending = self._pending
-            for key in lookups:
-                pending[key] = pending.get(key, 0) + 1
-                hits += key[2]
             if self._flusher_pid is None:
                 self._flusher_pid = os.getpid()
                 threading.Thread(target=self._flush_every_interval, name="lookup-counts",
                                  daemon=True).start()
-        return hits
 
     def _forget_parent(self) -> None:
         self._lock = threading.Lock()
-        self._pending = {}
+        self._pending = deque()
         self._flusher_pid = None
 
     def flush(self) -> None:
@@ -125,7 +137,7 @@ class LookupCounts:
         from cache import tenants
 
         with self._lock:
-            pending, self._pending = self._pending, {}
+            pending = collections.Counter(lookup for lookups in drain(self._pending) for lookup in lookups)
         for (layer, family, hit, org_id), count in pending.items():
             series = self._series.get((layer, family, hit))
             if series is None:

@@ -24,6 +24,7 @@ Bounded per process by entries and by bytes (least recently used first); `stats(
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import select
 import sys
@@ -47,6 +48,21 @@ MISSING: Any = object()
 ENTRY_OVERHEAD = 600
 
 
+class _PollFd(ctypes.Structure):
+    _fields_ = [("fd", ctypes.c_int), ("events", ctypes.c_short), ("revents", ctypes.c_short)]
+
+
+def _poll_holding_the_gil():
+    """libc's poll(2), called without releasing the GIL. A poll with no timeout never blocks, so
+    letting go of the GIL buys nothing; it costs the request a hand-over to another of the
+    process's threads and the wait to get the GIL back, 23 us of a 122 us warm read under
+    gunicorn's threads (BENCHMARKS.md). ctypes.PyDLL keeps the GIL held through the call."""
+    poll = ctypes.PyDLL(None, use_errno=True).poll
+    poll.argtypes = [ctypes.POINTER(_PollFd), ctypes.c_ulong, ctypes.c_int]
+    poll.restype = ctypes.c_int
+    return poll
+
+
 @dataclass(slots=True)
 class _Copy:
     value: Any
@@ -64,13 +80,13 @@ class _Tracker:
                                      **kwargs)
         self.last_pong = 0.0
         self.pings_waiting = 0
-        self._poller: select.poll | None = None
+        self._pollfd: _PollFd | None = None
+        self._poll = _poll_holding_the_gil()
 
     def open(self, on_invalidate) -> None:
         self.conn.connect()
-        self._poller = select.poll()
-        self._poller.register(self.conn._sock.fileno(), select.POLLIN | select.POLLERR
-                              | select.POLLHUP)
+        self._pollfd = _PollFd(self.conn._sock.fileno(),
+                               select.POLLIN | select.POLLERR | select.POLLHUP, 0)
         self.conn._parser.invalidation_push_handler_func = on_invalidate
         prefixes = [arg for prefix in PREFIXES for arg in ("PREFIX", prefix)]
         self.conn.send_command("CLIENT", "TRACKING", "ON", "BCAST", *prefixes)
@@ -88,9 +104,10 @@ class _Tracker:
         whatever it leaves half-read in the parser's buffer makes the socket readable again when
         the rest arrives: a poll of the socket (a microsecond) is enough between drains, where
         redis-py's can_read costs two settimeout calls."""
-        if self._poller is None:
+        if self._pollfd is None:
             raise redis.ConnectionError("tracking connection closed")
-        return bool(self._poller.poll(0))
+        # -1 (a signal, say): a drain finds out what is there
+        return self._poll(ctypes.byref(self._pollfd), 1, 0) != 0
 
     def drain(self) -> None:
         """Read everything that has arrived, without waiting (invalidations go to the handler)."""
@@ -112,7 +129,7 @@ class _Tracker:
         return self.conn._sock.fileno()
 
     def close(self) -> None:
-        self._poller = None
+        self._pollfd = None
         try:
             self.conn.disconnect()
         except Exception:  # noqa: BLE001 - closing a connection that may be broken already
@@ -207,6 +224,7 @@ class NearCache:
         self._floor = 0  # reads that began before this seq may have missed an invalidation
         self._trackers: list[_Tracker] = []
         self._connected = False
+        self._draining = False  # a drain has read from a socket what it may not have applied yet
         self._probe_failed = float("-inf")
         self._stop = threading.Event()
         self.ready = threading.Event()
@@ -216,6 +234,25 @@ class NearCache:
     def begin(self) -> int | None:
         """Apply what Redis has sent, then return a ticket for this read (None: do not trust or
         keep copies now)."""
+        return self._quiet_ticket() or self._ticket_after_drain()
+
+    def _quiet_ticket(self) -> int | None:
+        """The ticket without the lock, when nothing has arrived and no drain is under way (most
+        reads). The lock is what gunicorn's threads queued on: one of them preempted while holding
+        it made the others give up the GIL and wait, a hand-over each (BENCHMARKS.md). The order
+        matters: the sockets are empty first, then no drain is running, so whatever arrived
+        before this read either is still unread (not empty) or was read by a drain that has
+        since applied it."""
+        try:
+            if not (self._connected and self._trusted()):
+                return None
+            if any(tracker.pending() for tracker in self._trackers) or self._draining:
+                return None
+        except (redis.RedisError, OSError):
+            return None  # the locked path finds out and says so
+        return self._seq or None  # 0 (nothing received yet): the locked path answers
+
+    def _ticket_after_drain(self) -> int | None:
         with self._lock:
             if not self._connected:
                 return None
@@ -234,7 +271,7 @@ class NearCache:
                         return None
                 for tracker in self._trackers:
                     if tracker.pending():
-                        tracker.drain()
+                        self._drain(tracker)
             except (redis.RedisError, OSError) as exc:
                 self._lose(f"tracking connection failed: {exc}")
                 return None
@@ -250,8 +287,17 @@ class NearCache:
                 if left <= 0:
                     return False
                 if tracker.pending() or select.select([tracker.fileno()], [], [], left)[0]:
-                    tracker.drain()
+                    self._drain(tracker)
         return True
+
+    def _drain(self, tracker: _Tracker) -> None:
+        """Under the lock: read and apply what arrived on `tracker`, flagged for lock-free readers
+        (`_quiet_ticket`) while bytes read from the socket may not be applied yet."""
+        self._draining = True
+        try:
+            tracker.drain()
+        finally:
+            self._draining = False
 
     def get(self, name: str, ticket: int | None) -> Any:
         return self.get_each((name,), ticket)[0]
@@ -261,20 +307,29 @@ class NearCache:
         keys)."""
         if ticket is None:
             return [MISSING for _ in names]
+        # Without the lock (see `_quiet_ticket`): each dict call below is atomic under the GIL,
+        # and an invalidation applied before this read's ticket has already dropped its copies.
         found = []
-        with self._lock:
-            now = time.monotonic()
-            for name in names:
-                copy = self._copies.get(name)
-                if copy is not None and copy.expires <= now:
-                    self._drop(name)
-                    copy = None
-                if copy is None:
-                    found.append(MISSING)
-                    continue
-                self._copies.move_to_end(name)
-                found.append(copy.value)
+        copies, now = self._copies, time.monotonic()
+        for name in names:
+            copy = copies.get(name)
+            if copy is not None and copy.expires <= now:
+                self._expire(name, copy)
+                copy = None
+            if copy is None:
+                found.append(MISSING)
+                continue
+            try:
+                copies.move_to_end(name)
+            except KeyError:
+                pass  # dropped since the get: invalidated after this read began, or evicted
+            found.append(copy.value)
         return found
+
+    def _expire(self, name: str, copy: _Copy) -> None:
+        with self._lock:
+            if self._copies.get(name) is copy:
+                self._drop(name)
 
     def put(self, name: str, value: Any, keys: Iterable[str], ticket: int | None, *,
             max_age: float) -> bool:
@@ -297,7 +352,8 @@ class NearCache:
                 self._holders.setdefault(key, set()).add(name)
             while self._copies and (len(self._copies) > self.max_entries
                                     or self._bytes > self.max_bytes):
-                self._drop(next(iter(self._copies)))
+                # popitem, not next(iter()): a lock-free reader may reorder the dict meanwhile
+                self._forget(*self._copies.popitem(last=False))
             return True
 
     def stats(self) -> dict:
@@ -331,8 +387,11 @@ class NearCache:
 
     def _drop(self, name: str) -> None:
         copy = self._copies.pop(name, None)
-        if copy is None:
-            return
+        if copy is not None:
+            self._forget(name, copy)
+
+    def _forget(self, name: str, copy: _Copy) -> None:
+        """What a copy taken out of `_copies` leaves: its bytes and its key's holders."""
         self._bytes -= copy.size
         for key in copy.keys:
             holders = self._holders.get(key)
@@ -415,7 +474,7 @@ class NearCache:
                 if readable:
                     with self._lock:
                         for tracker in trackers:
-                            tracker.drain()
+                            self._drain(tracker)
             if time.monotonic() - topology_checked > 1.0:
                 topology_checked = time.monotonic()
                 self._report()

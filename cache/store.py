@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol, Sequence, TypeVar
 
@@ -267,46 +268,46 @@ class BatchedCounters:
     process and written to Redis at most once per `interval` seconds, riding on a round trip the
     request makes anyway. On a Redis Cluster a key incremented by every request of every process
     would make its shard hot; batched, each process sends one increment per counter per interval.
-    A failed flush drops its counts (they are statistics, not data)."""
+    A failed flush drops its counts (they are statistics, not data). Increments are appended to
+    a deque (atomic, no lock: gunicorn's threads queued on the lock that was here) and summed by
+    the flush."""
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
-        self._lock = threading.Lock()
-        self._hashes: dict[tuple[str, str], int] = {}
-        self._zsets: dict[tuple[str, str], float] = {}
-        self._ttl: dict[str, int] = {}
+        self._flushing = threading.Lock()
+        self._pending: deque[tuple[bool, str, str, float, int]] = deque()  # (hash?, key, ...)
         self._last = time.monotonic()
 
     def hincr(self, key: str, field: str, ttl: int, by: int = 1) -> None:
-        with self._lock:
-            self._hashes[key, field] = self._hashes.get((key, field), 0) + by
-            self._ttl[key] = ttl
+        self._pending.append((True, key, field, by, ttl))
 
     def zincr(self, key: str, member: str, ttl: int, by: float = 1) -> None:
-        with self._lock:
-            self._zsets[key, member] = self._zsets.get((key, member), 0) + by
-            self._ttl[key] = ttl
+        self._pending.append((False, key, member, by, ttl))
 
     def due(self) -> bool:
         """Something is waiting and the interval has passed (a request served without a round
         trip then makes one for the counters: at most one per interval per process)."""
-        with self._lock:
-            return bool(self._hashes or self._zsets) and \
-                time.monotonic() - self._last >= self.interval
+        return bool(self._pending) and time.monotonic() - self._last >= self.interval
 
     def queue_flush(self, pipe, force: bool = False) -> int:
         """Queue the pending increments on `pipe` when the interval has passed (or `force`);
-        returns how many commands were queued."""
+        returns how many commands were queued. A flush under way in another thread: none."""
         now = time.monotonic()
-        with self._lock:
-            if not force and now - self._last < self.interval:
-                return 0
-            if not (self._hashes or self._zsets):
-                return 0
-            hashes, self._hashes = self._hashes, {}
-            zsets, self._zsets = self._zsets, {}
-            ttls, self._ttl = self._ttl, {}
+        if not (force or now - self._last >= self.interval) or not self._pending:
+            return 0
+        if not self._flushing.acquire(blocking=False):
+            return 0
+        try:
             self._last = now
+            hashes: dict[tuple[str, str], float] = {}
+            zsets: dict[tuple[str, str], float] = {}
+            ttls: dict[str, int] = {}
+            for is_hash, key, field, by, ttl in metrics.drain(self._pending):
+                sums = hashes if is_hash else zsets
+                sums[key, field] = sums.get((key, field), 0) + by
+                ttls[key] = ttl
+        finally:
+            self._flushing.release()
         for (key, field), by in hashes.items():
             pipe.hincrby(key, field, by)
         for (key, member), by in zsets.items():

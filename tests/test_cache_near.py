@@ -5,6 +5,7 @@ on the same Redis and database, as two servers behind a balancer are."""
 
 from __future__ import annotations
 
+import threading
 import time
 import tracemalloc
 import uuid
@@ -100,6 +101,46 @@ def test_a_copy_read_before_an_invalidation_is_never_served(services):
     ticket = near.begin()
     near.put(key.name, "current value", (*key.versions, key.name), ticket, max_age=60)
     assert near.get(key.name, near.begin()) == "current value"
+
+
+def test_a_read_waits_for_an_invalidation_another_thread_has_read_but_not_yet_applied(
+        services):
+    """Reads take no lock when nothing has arrived; an empty socket is not enough, though: a
+    drain in another thread may have read the message and not applied it yet."""
+    near, r = NearCache(services.redis, trust_window=60), raw(services)
+    gate, applying, release = threading.Event(), threading.Event(), threading.Event()
+    apply = near._on_invalidate
+
+    def slow_apply(message):
+        if gate.is_set():
+            applying.set()
+            release.wait(10)
+        return apply(message)
+
+    near._on_invalidate = slow_apply
+    near.connect()  # no tracking thread: the threads below drain
+    try:
+        key = keys.project("org", str(uuid.uuid4()))
+        r.set(key.versions[-1], "v1")
+        assert near.put(key.name, "copy", (*key.versions, key.name), near.begin(), max_age=60)
+        gate.set()
+        r.set(key.versions[-1], "v2")
+        threading.Thread(target=near.begin, daemon=True).start()
+        assert applying.wait(5)  # the message is out of the socket, not applied
+
+        served = []
+        reader = threading.Thread(target=lambda: served.append(near.get(key.name, near.begin())))
+        reader.start()
+        reader.join(0.3)
+        assert reader.is_alive(), f"served {served} while the invalidation was being applied"
+        release.set()
+        reader.join(5)
+        assert served == [MISSING]
+    finally:
+        release.set()
+        near.clear()
+        for tracker in near._trackers:
+            tracker.close()
 
 
 def test_a_lost_tracking_connection_clears_every_copy(client, admin, project, services):
