@@ -25,17 +25,21 @@ Bounded per process by entries and by bytes (least recently used first); `stats(
 from __future__ import annotations
 
 import ctypes
+import errno
+import functools
 import logging
+import os
 import select
+import socket
 import sys
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
+import hiredis
 import redis
-from redis._parsers import _RESP3Parser
 
 from cache import metrics
 
@@ -52,15 +56,24 @@ class _PollFd(ctypes.Structure):
     _fields_ = [("fd", ctypes.c_int), ("events", ctypes.c_short), ("revents", ctypes.c_short)]
 
 
-def _poll_holding_the_gil():
-    """libc's poll(2), called without releasing the GIL. A poll with no timeout never blocks, so
-    letting go of the GIL buys nothing; it costs the request a hand-over to another of the
-    process's threads and the wait to get the GIL back, 23 us of a 122 us warm read under
-    gunicorn's threads (BENCHMARKS.md). ctypes.PyDLL keeps the GIL held through the call."""
-    poll = ctypes.PyDLL(None, use_errno=True).poll
-    poll.argtypes = [ctypes.POINTER(_PollFd), ctypes.c_ulong, ctypes.c_int]
-    poll.restype = ctypes.c_int
-    return poll
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """libc's poll, recv and send, called without releasing the GIL (ctypes.PyDLL). None of
+    these calls waits (no timeout, MSG_DONTWAIT), so letting go of the GIL buys nothing; under
+    gunicorn's threads it cost the caller a hand-over and the wait to get the GIL back, while it
+    held the near cache's lock (BENCHMARKS.md)."""
+    libc = ctypes.PyDLL(None, use_errno=True)
+    libc.poll.argtypes = [ctypes.POINTER(_PollFd), ctypes.c_ulong, ctypes.c_int]
+    libc.poll.restype = ctypes.c_int
+    libc.recv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.recv.restype = ctypes.c_ssize_t
+    libc.send.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int]
+    libc.send.restype = ctypes.c_ssize_t
+    return libc
+
+
+_PING = b"*1\r\n$4\r\nPING\r\n"
+_CHUNK = 64 << 10
 
 
 @dataclass(slots=True)
@@ -72,61 +85,92 @@ class _Copy:
 
 
 class _Tracker:
-    """One tracking connection (to one Redis master) and its heartbeat."""
+    """One tracking connection (to one Redis master) and its heartbeat. redis-py opens it
+    (HELLO 3, AUTH, SELECT); after that its bytes are read and written here, through libc
+    without releasing the GIL, and parsed by hiredis: a drain holds the near cache's lock, and
+    redis-py's reads gave up the GIL several times per drain (see `_libc`)."""
 
     def __init__(self, kwargs: dict) -> None:
         self.address = f"{kwargs.get('host')}:{kwargs.get('port')}"
-        self.conn = redis.Connection(protocol=3, parser_class=_RESP3Parser, socket_timeout=1.0,
-                                     **kwargs)
+        self.conn = redis.Connection(protocol=3, socket_timeout=1.0, **kwargs)
         self.last_pong = 0.0
         self.pings_waiting = 0
         self._pollfd: _PollFd | None = None
-        self._poll = _poll_holding_the_gil()
+        self._reader = hiredis.Reader()
+        self._chunk = ctypes.create_string_buffer(_CHUNK)
+        self._on_invalidate: Callable[[list], None] = lambda message: None
+        self._tracking = False
 
-    def open(self, on_invalidate) -> None:
+    def open(self, on_invalidate: Callable[[list], None]) -> None:
         self.conn.connect()
         self._pollfd = _PollFd(self.conn._sock.fileno(),
                                select.POLLIN | select.POLLERR | select.POLLHUP, 0)
-        self.conn._parser.invalidation_push_handler_func = on_invalidate
+        self._on_invalidate = on_invalidate
         prefixes = [arg for prefix in PREFIXES for arg in ("PREFIX", prefix)]
+        # Its OK is read here too: an invalidation right behind it stays for the next drain.
         self.conn.send_command("CLIENT", "TRACKING", "ON", "BCAST", *prefixes)
-        reply = self.conn.read_response()
-        if reply not in (b"OK", "OK"):
-            raise redis.ConnectionError(f"CLIENT TRACKING refused: {reply!r}")
+        deadline = time.monotonic() + 1.0
+        while not self._tracking:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise redis.TimeoutError("no answer to CLIENT TRACKING")
+            select.select([self.fileno()], [], [], left)
+            self.drain()
         self.last_pong = time.monotonic()
 
     def ping(self) -> None:
-        self.conn.send_command("PING")
+        sent = _libc().send(self.fileno(), _PING, len(_PING),
+                            socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+        if sent != len(_PING):  # 14 bytes that do not fit: Redis has not read for a long while
+            raise redis.ConnectionError("tracking connection: a ping could not be sent")
         self.pings_waiting += 1
 
     def pending(self) -> bool:
         """Something arrived on the socket. A drain reads until nothing complete is left, so
         whatever it leaves half-read in the parser's buffer makes the socket readable again when
-        the rest arrives: a poll of the socket (a microsecond) is enough between drains, where
-        redis-py's can_read costs two settimeout calls."""
+        the rest arrives: a poll of the socket (a microsecond) is enough between drains."""
         if self._pollfd is None:
             raise redis.ConnectionError("tracking connection closed")
         # -1 (a signal, say): a drain finds out what is there
-        return self._poll(ctypes.byref(self._pollfd), 1, 0) != 0
+        return _libc().poll(ctypes.byref(self._pollfd), 1, 0) != 0
 
     def drain(self) -> None:
         """Read everything that has arrived, without waiting (invalidations go to the handler)."""
-        if self.conn._sock is None:  # redis-py would reconnect it silently, without tracking
-            raise redis.ConnectionError("tracking connection closed")
-        while self.conn.can_read(timeout=0):
-            reply = self.conn.read_response(push_request=True)
-            if reply is _HANDLED:
-                continue
-            if isinstance(reply, Exception):
-                raise redis.ConnectionError(f"tracking connection: {reply}")
-            if reply in (b"PONG", "PONG") and self.pings_waiting:
+        self._receive()
+        while (reply := self._reader.gets()) is not False:
+            if isinstance(reply, hiredis.PushNotification):
+                if reply and reply[0] == b"invalidate":
+                    self._on_invalidate(reply)
+            elif isinstance(reply, hiredis.ReplyError):
+                refused = "" if self._tracking else "CLIENT TRACKING refused: "
+                raise redis.ConnectionError(f"tracking connection: {refused}{reply}")
+            elif reply == b"PONG" and self.pings_waiting:
                 self.pings_waiting -= 1
                 self.last_pong = time.monotonic()
+            elif reply == b"OK":
+                self._tracking = True
+
+    def _receive(self) -> None:
+        libc, fd, chunk = _libc(), self.fileno(), self._chunk
+        while True:
+            size = libc.recv(fd, chunk, _CHUNK, socket.MSG_DONTWAIT)
+            if size > 0:
+                self._reader.feed(ctypes.string_at(chunk, size))
+                if size < _CHUNK:
+                    return  # the socket is empty; what comes next makes it readable again
+                continue
+            if size == 0:
+                raise redis.ConnectionError("tracking connection closed by Redis")
+            error = ctypes.get_errno()
+            if error in (errno.EAGAIN, errno.EWOULDBLOCK):
+                return
+            if error != errno.EINTR:
+                raise redis.ConnectionError(f"tracking connection: {os.strerror(error)}")
 
     def fileno(self) -> int:
-        if self.conn._sock is None:
+        if self._pollfd is None or self.conn._sock is None:
             raise redis.ConnectionError("tracking connection closed")
-        return self.conn._sock.fileno()
+        return self._pollfd.fd
 
     def close(self) -> None:
         self._pollfd = None
@@ -134,9 +178,6 @@ class _Tracker:
             self.conn.disconnect()
         except Exception:  # noqa: BLE001 - closing a connection that may be broken already
             pass
-
-
-_HANDLED = object()  # what the invalidation handler returns to the reader
 
 
 class ByIdentity:
@@ -367,11 +408,11 @@ class NearCache:
             self._reset()
 
     # -- invalidation ---------------------------------------------------------------------------
-    def _on_invalidate(self, message) -> object:
+    def _on_invalidate(self, message: list) -> None:
         keys = message[1] if len(message) > 1 else None
         if keys is None:  # FLUSHALL / FLUSHDB
             self._reset()
-            return _HANDLED
+            return
         for key in keys:
             key = key.decode() if isinstance(key, bytes) else key
             self._seq += 1
@@ -383,7 +424,6 @@ class NearCache:
             _, seq = self._recent.popitem(last=False)
             self._floor = max(self._floor, seq)
         metrics.near_invalidations.inc(len(keys))
-        return _HANDLED
 
     def _drop(self, name: str) -> None:
         copy = self._copies.pop(name, None)
