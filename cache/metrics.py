@@ -137,7 +137,8 @@ class LookupCounts:
         from cache import tenants
 
         with self._lock:
-            pending = collections.Counter(lookup for lookups in drain(self._pending) for lookup in lookups)
+            pending = collections.Counter(lookup for lookups in drain(self._pending)
+                                          for lookup in lookups)
         for (layer, family, hit, org_id), count in pending.items():
             series = self._series.get((layer, family, hit))
             if series is None:
