@@ -5,7 +5,6 @@ from __future__ import annotations
 from sqlalchemy import delete, func, select
 
 from aggregates import Delta
-
 from cache import keys
 from events import PROJECT_CREATED, PROJECT_DELETED, PROJECT_UPDATED
 from models import Comment, Notification, Project, Task, User, new_id, utcnow
@@ -13,6 +12,7 @@ from services import present
 from services.auth import Actor
 from services.context import Services
 from services.errors import Forbidden, NotFound
+from services.numbering import Numbering, lock_numbered
 from services.pagination import page
 from services.reads import cached
 from services.uow import UnitOfWork, retry_on_deadlock
@@ -94,12 +94,10 @@ def _assignee_deltas(uow: UnitOfWork, actor: Actor, project_id: str) -> list[Del
     per_user: dict[str, dict[str, int]] = {}
     for user_id, status, count in rows:
         per_user.setdefault(user_id, {})[status] = -int(count)
-    deltas = []
+    numbering = Numbering(uow, actor.org_id)
     for user_id in sorted(per_user):
-        user = uow.session.get(User, user_id, with_for_update=True)
-        user.stats_seq += 1
-        deltas.append(Delta("user", actor.org_id, user_id, user.stats_seq, per_user[user_id]))
-    return deltas
+        numbering.number(lock_numbered(uow, User, user_id, actor.org_id), per_user[user_id])
+    return numbering.deltas
 
 
 @retry_on_deadlock

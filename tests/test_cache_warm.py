@@ -114,11 +114,12 @@ def test_with_the_setting_off_the_next_reader_misses_as_before(client, admin, ta
 @pytest.mark.parametrize("second_writer_warms", [True, False], ids=["B warms", "B does not"])
 def test_a_warm_up_that_loaded_before_a_concurrent_write_never_leaves_its_older_value(
         client, admin, task, services, monkeypatch, second_writer_warms):
-    """Writer A's warm-up looks up and loads its value, and A commits; writer B then commits and
-    bumps; only then does A bump. A's value must go nowhere: A loads again after its bump, and
-    what is cached and served afterwards is B's value, the database's."""
+    """Writer A's warm-up looks up its tokens and takes its value (its own row), and A commits;
+    writer B then commits and bumps; only then does A bump. A's value must go nowhere: A loads
+    again after its bump, and what is cached and served afterwards is B's value, the
+    database's."""
     actor, tid = as_admin(admin), task["id"]
-    real_load_task = task_service.load_task
+    real_warm = task_service.warm_after_write
     real_invalidate = services.cache.invalidate
     b: dict = {}
 
@@ -128,14 +129,9 @@ def test_a_warm_up_that_loaded_before_a_concurrent_write_never_leaves_its_older_
                                 services.settings.with_overrides(warm_after_write=False))
         b["answer"] = update_task(services, actor, tid, {"title": "B", "priority": "LOW"})
 
-    def load_task(org_id, task_id):
-        load = real_load_task(org_id, task_id)
-
-        def loading(db):
-            value = load(db)
-            b.setdefault("loaded_by_a", value)
-            return value
-        return loading
+    def warm_after_write(uow, org_id, project_id, task=None, **kwargs):
+        b.setdefault("loaded_by_a", task)
+        return real_warm(uow, org_id, project_id, task, **kwargs)
 
     def invalidate(*args, **kwargs):
         if "running" not in b:  # A committed: B writes before A's bump stores
@@ -144,7 +140,7 @@ def test_a_warm_up_that_loaded_before_a_concurrent_write_never_leaves_its_older_
         return real_invalidate(*args, **kwargs)
 
     monkeypatch.setattr(services.cache, "invalidate", invalidate)
-    monkeypatch.setattr(task_service, "load_task", load_task)
+    monkeypatch.setattr(task_service, "warm_after_write", warm_after_write)
     reloaded = warmed("task", "reloaded")
     a = update_task(services, actor, tid, {"title": "A"})
     assert a["title"] == "A" and b["loaded_by_a"]["title"] == "A"  # it raced as intended
@@ -167,19 +163,20 @@ def test_a_warm_up_that_loaded_before_a_concurrent_write_never_leaves_its_older_
 @in_process
 def test_a_reader_right_after_the_writes_bump_hits_the_new_values(
         client, admin, task, services, monkeypatch):
-    """The page and the task are loaded from committed data before the bump and stored by the
-    bump's own script: no reader finds them retired and not yet stored again, not even one whose
-    lookup comes right after the bump (here: before the bump's caller goes on)."""
+    """The page and the task are made from committed data (the write's own row) before the bump
+    and stored by the bump's own script: no reader finds them retired and not yet stored again,
+    not even one whose lookup comes right after the bump (here: before the bump's caller goes
+    on)."""
     order, seen = [], {}
     org_id, project_id = admin.organization["id"], task["project_id"]
     page_key = keys.project_tasks(org_id, project_id, status=None, assignee_id=None,
                                   limit=task_service.DEFAULT_LIMIT, cursor=None)
-    real_load_task = task_service.load_task
+    real_warm = task_service.warm_after_write
     invalidate = services.cache.invalidate
 
-    def load_task(*args):  # the task's row: its own value, and its cached page's revision
-        load = real_load_task(*args)
-        return lambda db: order.append("load") or load(db)
+    def warm_after_write(*args, **kwargs):  # the task's row: its value, and its page's revision
+        order.append("warm")
+        return real_warm(*args, **kwargs)
 
     def bump_then_read(*args, **kwargs):
         order.append("bump")
@@ -188,10 +185,10 @@ def test_a_reader_right_after_the_writes_bump_hits_the_new_values(
             [page_key, keys.task(org_id, task["id"])], counted=False)
         return done
 
-    monkeypatch.setattr(task_service, "load_task", load_task)
+    monkeypatch.setattr(task_service, "warm_after_write", warm_after_write)
     monkeypatch.setattr(services.cache, "invalidate", bump_then_read)
     update_task(services, as_admin(admin), task["id"], {"title": "After"})
-    assert order[:2] == ["load", "bump"], order
+    assert order[:2] == ["warm", "bump"], order
     assert seen["page"].hit and seen["task"].hit
     assert [t["title"] for t in seen["page"].value["items"] if t["id"] == task["id"]] == ["After"]
     assert seen["task"].value == in_database(services, task["id"])
@@ -271,7 +268,7 @@ def test_the_warm_up_does_nothing_while_redis_is_unreachable(admin, task, servic
     redis_server.kill()
     try:
         with UnitOfWork(services) as uow, count_sql(services) as sql:
-            warm_after_write(uow, admin.organization["id"], task["project_id"], task["id"])
+            warm_after_write(uow, admin.organization["id"], task["project_id"], task)
             assert uow._load_to_warm() == []
         assert sql.count == 0  # no load whose value could not be stored
     finally:
@@ -322,12 +319,12 @@ def test_the_warm_up_is_counted_apart_from_the_readers_misses(client, admin, tas
 @in_process
 def test_a_warm_up_that_fails_leaves_the_write_committed_and_its_key_to_the_next_reader(
         client, admin, task, monkeypatch):
-    def broken(org_id, task_id):
-        def load(db):
-            raise RuntimeError("a loader's bug")
-        return load
+    def broken(task):
+        def revise(page, db):
+            raise RuntimeError("a reviser's bug")
+        return revise
 
-    monkeypatch.setattr(task_service, "load_task", broken)
+    monkeypatch.setattr(task_service, "_page_revised", broken)
     url = f"/api/tasks/{task['id']}"
     answer = client.patch(url, json={"title": "After"}, headers=admin.headers)
     assert answer.status_code == 200 and answer.json["title"] == "After"
@@ -343,21 +340,26 @@ def test_a_connection_lost_in_the_warm_up_runs_the_whole_write_again_once(
     own fault, rolled back and retried whole, never committed half or twice."""
     from sqlalchemy.exc import OperationalError
 
-    real_load_task = task_service.load_task
-    failures = []
+    real_warm, real_load_page = task_service.warm_after_write, task_service.load_tasks_page
+    failures, warmed_tasks = [], []
 
-    def once_lost(org_id, task_id):
-        load = real_load_task(org_id, task_id)
+    def warm_after_write(uow, org_id, project_id, task=None, **kwargs):
+        warmed_tasks.append(task["id"])
+        return real_warm(uow, org_id, project_id, task, **kwargs)
+
+    def once_lost(*args):
+        load = real_load_page(*args)
 
         def loading(db):
             if not failures:
-                failures.append(task_id)
+                failures.append(warmed_tasks[-1])
                 raise OperationalError("SELECT", {}, Exception("lost"),
                                        connection_invalidated=True)
             return load(db)
         return loading
 
-    monkeypatch.setattr(task_service, "load_task", once_lost)
+    monkeypatch.setattr(task_service, "warm_after_write", warm_after_write)
+    monkeypatch.setattr(task_service, "load_tasks_page", once_lost)
     made = make_task(client, admin.headers, project["id"], title="Once")
     assert len(failures) == 1 and failures[0] != made["id"]  # the first attempt's task id
     page = client.get(f"/api/projects/{project['id']}/tasks", headers=admin.headers).json
