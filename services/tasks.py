@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 from types import SimpleNamespace
 
-from sqlalchemy import Executable, Row, bindparam, delete, func, insert, select, update
+from sqlalchemy import Executable, Row, bindparam, delete, func, select, update
 
 from cache import keys
 from events import COMMENT_CREATED, NOTIFICATION_CREATED, TASK_CREATED, TASK_DELETED, TASK_UPDATED
@@ -150,16 +150,11 @@ def _lock_members(uow: UnitOfWork, actor: Actor, *user_ids: str | None) -> dict[
     return locked
 
 
-@functools.cache
-def _insert(model: type) -> Executable:
-    return insert(model.__table__)
-
-
 def _notify(uow: UnitOfWork, actor: Actor, task, user_id: str | None,
             kind: NotificationKind) -> None:
     if not user_id or user_id == actor.user_id:
         return
-    uow.execute(_insert(Notification), {
+    uow.insert(Notification, {
         "id": new_id(), "user_id": user_id, "organization_id": actor.org_id, "kind": kind.value,
         "task_id": task.id, "project_id": task.project_id})
     uow.emit(NOTIFICATION_CREATED, actor.org_id, user_ids=[user_id])
@@ -278,7 +273,7 @@ def create_comment(services: Services, actor: Actor, task_id: str, *, body: str)
         task, project = _locked_task(uow, actor, task_id)
         comment = {"id": new_id(), "task_id": task.id, "project_id": project.id,
                    "author_id": actor.user_id, "body": body, "created_at": utcnow()}
-        uow.execute(_insert(Comment), comment)
+        uow.insert(Comment, comment)
         numbering = Numbering(uow, actor.org_id)
         numbering.number(project, {"comments": 1})
         uow.emit(COMMENT_CREATED, actor.org_id, numbering.deltas, task_id=task.id,

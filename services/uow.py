@@ -52,8 +52,8 @@ class Emitted:
 
 
 @functools.cache
-def _insert_event() -> Executable:
-    return insert(OutboxEvent.__table__)
+def _insert(model: type) -> Executable:
+    return insert(model.__table__)
 
 
 class UnitOfWork:
@@ -76,12 +76,16 @@ class UnitOfWork:
         cost a fraction of the ORM's (services/numbering.py)."""
         return self.session.connection().execute(statement, params)
 
+    def insert(self, model: type, row: dict) -> Result:
+        """One row of `model`'s table, in Core (see `execute`)."""
+        return self.execute(_insert(model), row)
+
     def emit(self, kind: str, org_id: str, deltas: list[Delta] = (), **payload: Any) -> None:
         """Record a domain event in the outbox, in this transaction (inserted at once)."""
         payload["deltas"] = [d.as_dict() for d in deltas]
         row = {"event_id": new_id(), "kind": kind, "organization_id": org_id,
                "payload": payload, "created_at": utcnow()}
-        inserted = self.execute(_insert_event(), row)
+        inserted = self.insert(OutboxEvent, row)
         self.events.append(Emitted(id=inserted.inserted_primary_key[0], **row))
 
     def warm(self, key: Key, load: Load, revise: Revise | None = None, *,
