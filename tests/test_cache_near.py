@@ -16,7 +16,7 @@ import redis
 from cache import codec, keys
 from cache.near import NearCache
 from cache.store import MISSING, Lookup
-from services.context import build_services
+from services.context import Memo, build_services
 from tests.cache_helpers import count_sql, raw
 from web import create_app
 
@@ -293,9 +293,10 @@ def test_a_request_asks_redis_only_for_what_its_process_holds_no_copy_of(
     assert client.get(url, headers=admin.headers).headers["X-Cache"] == "HIT-L1"
 
 
-def test_a_write_to_a_task_its_process_holds_finds_the_project_to_lock_without_a_query(
+def test_a_write_to_a_task_its_process_holds_or_wrote_finds_the_project_without_a_query(
         client, admin, project, services):
-    """A task never changes project: the writer's near copy names the project it locks."""
+    """A task never changes project: the writer's near copy, or its memo of the tasks it wrote,
+    names the project it locks."""
     task = client.post(f"/api/projects/{project['id']}/tasks", json={"title": "T"},
                        headers=admin.headers).json
     url = f"/api/tasks/{task['id']}"
@@ -307,11 +308,38 @@ def test_a_write_to_a_task_its_process_holds_finds_the_project_to_lock_without_a
         return [s for s in sql.statements if s.lstrip().startswith("SELECT tasks.project_id")]
 
     services.cache.near.clear()
+    services.task_projects.clear()
     assert len(project_queries("IN_PROGRESS")) == 1
     warm(client, url, admin.headers)
-    assert project_queries("COMPLETED") == []
+    assert project_queries("COMPLETED") == []  # the near copy
+    services.cache.near.clear()
+    assert project_queries("IN_PROGRESS") == []  # the memo of the first write
+    services.task_projects.clear()
+    assert len(project_queries("COMPLETED")) == 1
     stats = client.get(f"/api/projects/{project['id']}/stats", headers=admin.headers).json
     assert stats["completed_tasks"] == 1 and stats["total_tasks"] == 1
+
+
+def test_the_memo_of_a_tasks_project_is_bounded_and_kept_per_organization(
+        client, admin, sign_up, project, services):
+    """Another organization naming a task this process wrote locks none of its rows (the memo is
+    by organization), and the memo forgets its oldest entries past its bound."""
+    task = client.post(f"/api/projects/{project['id']}/tasks", json={"title": "T"},
+                       headers=admin.headers).json
+    assert services.task_projects.get((admin.organization["id"], task["id"])) == project["id"]
+    services.cache.near.clear()
+    stranger = sign_up("Stranger")
+    with count_sql(services) as sql:
+        answer = client.patch(f"/api/tasks/{task['id']}", json={"status": "COMPLETED"},
+                              headers=stranger.headers)
+    assert answer.status_code == 404
+    assert not [s for s in sql.statements if "FOR UPDATE" in s], sql.statements
+    org_id = admin.organization["id"]
+    memo = Memo(maxsize=2)
+    for n in range(3):
+        memo.put((org_id, f"task-{n}"), f"project-{n}")
+    assert len(memo) == 2 and memo.get((org_id, "task-0")) is None
+    assert memo.get((org_id, "task-2")) == "project-2"
 
 
 def test_a_near_copy_naming_another_project_is_caught_by_the_task_lock(
