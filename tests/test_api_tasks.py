@@ -264,3 +264,24 @@ def test_a_reassignment_locks_each_member_once_and_numbers_both(client, admin, s
     user_reads = [s for s in sql.statements if "FROM users" in s]
     assert len(user_reads) == 2, user_reads
     assert change_numbers() == {old: before[old] + 1, new: before[new] + 1}
+
+
+@pytest.mark.skipif(topology_mode() == "cluster", reason="counts this process's SQL")
+def test_an_edit_that_changes_no_count_locks_no_user(client, admin, services, project):
+    """A new title, or the status the task already has, changes no one's statistics: the
+    assignee's row is neither locked nor numbered, and the counts stay exact."""
+    member = add_member(client, admin)["user"]["id"]
+    task = make_task(client, admin.headers, project["id"], assignee_id=member)
+    url = f"/api/tasks/{task['id']}"
+    for change in ({"title": "Renamed"}, {"status": task["status"]},
+                   {"assignee_id": member, "priority": "HIGH"}):
+        with count_sql(services) as sql:
+            answer = client.patch(url, json=change, headers=admin.headers)
+        assert answer.status_code == 200, answer.json
+        assert not [s for s in sql.statements if "FROM users" in s], (change, sql.statements)
+    with count_sql(services) as sql:
+        assert client.patch(url, json={"status": "COMPLETED"},
+                            headers=admin.headers).status_code == 200
+    assert len([s for s in sql.statements if "FROM users" in s]) == 1
+    stats = client.get(f"/api/users/{member}/stats", headers=admin.headers).json
+    assert (stats["assigned_tasks"], stats["completed_tasks"], stats["open_tasks"]) == (1, 1, 0)
