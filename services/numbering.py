@@ -13,7 +13,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, func, select, update
 
 from aggregates import Delta
 from models import Project, User
@@ -24,12 +24,14 @@ KINDS = {Project: "project", User: "user"}
 
 @dataclass
 class Numbered:
-    """A locked row that owns an aggregate, with the number of its last change."""
+    """A locked row that owns an aggregate, with the number of its last change. `taken`: the
+    lock itself took that number (`lock_numbered(..., take=True)`), for a change not yet told."""
 
     model: type
     id: str
     organization_id: str
     seq: int
+    taken: bool = False
 
 
 @functools.cache
@@ -46,12 +48,43 @@ def _number_statement(model: type) -> Any:
         stats_seq=bindparam("seq"))
 
 
-def lock_numbered(uow: UnitOfWork, model: type, row_id: str, org_id: str) -> Numbered | None:
-    """The row, locked until the transaction ends; None if there is none in `org_id`."""
+@functools.cache
+def _take_statement(model: type, dialect: str) -> Any:
+    """The row's lock and its next number in one statement. MariaDB has no UPDATE ... RETURNING:
+    LAST_INSERT_ID(expr) hands the value back in the statement's own answer (the cursor's
+    lastrowid), as its manual shows for sequences."""
+    table = model.__table__
+    matched = update(table).where(table.c.id == bindparam("row_id"),
+                                  table.c.organization_id == bindparam("org_id"))
+    if dialect in ("mysql", "mariadb"):
+        return matched.values(stats_seq=func.last_insert_id(table.c.stats_seq + 1))
+    return matched.values(stats_seq=table.c.stats_seq + 1).returning(table.c.stats_seq)
+
+
+def lock_numbered(uow: UnitOfWork, model: type, row_id: str, org_id: str, *,
+                  take: bool = False) -> Numbered | None:
+    """The row, locked until the transaction ends; None if there is none in `org_id`.
+
+    `take`: for a write that surely changes the row's counts (a comment, a delete), the lock
+    takes the change's number in the same statement, a round trip fewer under the lock; the
+    write must then tell the change (`Numbering.number`), or the aggregate sees a gap."""
+    if take:
+        return _lock_taking_number(uow, model, row_id, org_id)
     row = uow.execute(_lock_statement(model), {"row_id": row_id}).first()
     if row is None or row[0] != org_id:
         return None
     return Numbered(model, row_id, row[0], row[1])
+
+
+def _lock_taking_number(uow: UnitOfWork, model: type, row_id: str,
+                        org_id: str) -> Numbered | None:
+    dialect = uow.session.get_bind().dialect.name
+    result = uow.execute(_take_statement(model, dialect), {"row_id": row_id, "org_id": org_id})
+    if dialect in ("mysql", "mariadb"):
+        seq = result.lastrowid if result.rowcount == 1 else None
+    else:
+        seq = result.scalar()
+    return None if seq is None else Numbered(model, row_id, org_id, int(seq), taken=True)
 
 
 class Numbering:
@@ -66,6 +99,9 @@ class Numbering:
         """Change `row`'s counts by `changes` (none for a row that is None: no assignee)."""
         if row is None:
             return
-        row.seq += 1
-        self.uow.execute(_number_statement(row.model), {"row_id": row.id, "seq": row.seq})
+        if row.taken:  # numbered by its lock
+            row.taken = False
+        else:
+            row.seq += 1
+            self.uow.execute(_number_statement(row.model), {"row_id": row.id, "seq": row.seq})
         self.deltas.append(Delta(KINDS[row.model], self.org_id, row.id, row.seq, changes))

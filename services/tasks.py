@@ -197,13 +197,17 @@ def _task_statements() -> tuple[Executable, Executable, Executable]:
             update(t).where(t.c.id == bindparam("task_id")))
 
 
-def _locked_task(uow: UnitOfWork, actor: Actor, task_id: str) -> tuple[Row, Numbered]:
+def _locked_task(uow: UnitOfWork, actor: Actor, task_id: str, *,
+                 numbered: bool = False) -> tuple[Row, Numbered]:
     """The task's row and its project, locked project first: every write to a project's tasks
     takes the project's lock first, so writers of one project queue instead of deadlocking.
+    `numbered`: the write surely changes the project's counts, and its lock takes the number
+    (`lock_numbered(take=True)`).
 
     The task's own lock checks the project it was found in (`_project_of`)."""
     project_id = _project_of(uow, actor, task_id)
-    project = project_id and lock_numbered(uow, Project, project_id, actor.org_id)
+    project = project_id and lock_numbered(uow, Project, project_id, actor.org_id,
+                                           take=numbered)
     if not project:
         raise NotFound("no such task")
     task = uow.execute(_task_statements()[1], {"task_id": task_id}).first()
@@ -263,7 +267,7 @@ def update_task(services: Services, actor: Actor, task_id: str, changes: dict) -
 @retry_on_deadlock
 def delete_task(services: Services, actor: Actor, task_id: str) -> None:
     with UnitOfWork(services) as uow:
-        task, project = _locked_task(uow, actor, task_id)
+        task, project = _locked_task(uow, actor, task_id, numbered=True)
         members = _lock_members(uow, actor, task.assignee_id)
         comments = uow.session.scalar(
             select(func.count()).select_from(Comment).where(Comment.task_id == task.id))
@@ -285,7 +289,7 @@ def delete_task(services: Services, actor: Actor, task_id: str) -> None:
 @retry_on_deadlock
 def create_comment(services: Services, actor: Actor, task_id: str, *, body: str) -> dict:
     with UnitOfWork(services) as uow:
-        task, project = _locked_task(uow, actor, task_id)
+        task, project = _locked_task(uow, actor, task_id, numbered=True)
         comment = {"id": new_id(), "task_id": task.id, "project_id": project.id,
                    "author_id": actor.user_id, "body": body, "created_at": utcnow()}
         uow.insert(Comment, comment)

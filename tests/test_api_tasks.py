@@ -285,3 +285,48 @@ def test_an_edit_that_changes_no_count_locks_no_user(client, admin, services, pr
     assert len([s for s in sql.statements if "FROM users" in s]) == 1
     stats = client.get(f"/api/users/{member}/stats", headers=admin.headers).json
     assert (stats["assigned_tasks"], stats["completed_tasks"], stats["open_tasks"]) == (1, 1, 0)
+
+
+@pytest.mark.skipif(topology_mode() == "cluster", reason="counts this process's SQL")
+def test_a_comment_and_a_delete_take_the_projects_number_with_its_lock(client, admin, services,
+                                                                       project):
+    """A comment and a delete surely change the project's counts: one statement locks the
+    project and takes the change's number, the numbers stay without gaps, and the cached
+    statistics stay exact."""
+    from models import Project
+
+    def change_number() -> int:
+        with services.db.session() as db:
+            return db.scalar(select(Project.stats_seq).where(Project.id == project["id"]))
+
+    task = make_task(client, admin.headers, project["id"])
+    stats_url = f"/api/projects/{project['id']}/stats"
+    assert client.get(stats_url, headers=admin.headers).status_code == 200  # cached
+    before = change_number()
+    with count_sql(services) as sql:
+        make_comment(client, admin.headers, task["id"])
+    project_statements = [s for s in sql.statements if "projects" in s.split("WHERE")[0]]
+    assert len(project_statements) == 1 and project_statements[0].lstrip().startswith(
+        "UPDATE projects"), sql.statements
+    assert change_number() == before + 1
+    with count_sql(services) as sql:
+        assert client.delete(f"/api/tasks/{task['id']}",
+                             headers=admin.headers).status_code == 204
+    assert len([s for s in sql.statements if "projects" in s.split("WHERE")[0]]) == 1
+    assert change_number() == before + 2
+    stats = client.get(stats_url, headers=admin.headers).json
+    assert (stats["total_tasks"], stats["total_comments"], stats["stale"]) == (0, 0, False)
+
+
+def test_a_comment_on_another_organizations_task_takes_no_number(client, admin, sign_up,
+                                                                 services, project):
+    from models import Project
+
+    task = make_task(client, admin.headers, project["id"])
+    with services.db.session() as db:
+        before = db.scalar(select(Project.stats_seq).where(Project.id == project["id"]))
+    stranger = sign_up("Stranger")
+    assert_problem(client.post(f"/api/tasks/{task['id']}/comments", json={"body": "x"},
+                               headers=stranger.headers), 404)
+    with services.db.session() as db:
+        assert db.scalar(select(Project.stats_seq).where(Project.id == project["id"])) == before

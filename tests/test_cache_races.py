@@ -175,6 +175,41 @@ def test_deltas_applied_out_of_order_end_exact(client, admin, project, services)
     assert final.stats["total_comments"] == 1
 
 
+def test_concurrent_comments_edits_and_deletes_on_one_project_leave_no_gap(
+        app, client, admin, project, services):
+    """Writers of one project at once (comments and deletes take the change's number with the
+    project's lock, edits after it): every change is numbered once, in order, and the cached
+    statistics end exact and fresh."""
+    org, pid = admin.organization["id"], project["id"]
+    tasks = [client.post(f"/api/projects/{pid}/tasks", json={"title": f"t{n}"},
+                         headers=admin.headers).json["id"] for n in range(9)]
+    url = f"/api/projects/{pid}/stats"
+    assert client.get(url, headers=admin.headers).status_code == 200  # cached: deltas fold in
+    statuses = ("IN_PROGRESS", "COMPLETED", "BLOCKED")
+    writes = iter(range(24))
+
+    def write():
+        n = next(writes)
+        task_id, api = tasks[n % 8], app.test_client()
+        if n % 3 == 0:
+            return api.post(f"/api/tasks/{task_id}/comments", json={"body": "x"},
+                            headers=admin.headers).status_code
+        if n == 23:  # the ninth task, written by no one else
+            return api.delete(f"/api/tasks/{tasks[8]}", headers=admin.headers).status_code
+        return api.patch(f"/api/tasks/{task_id}", json={"status": statuses[n % 3]},
+                         headers=admin.headers).status_code
+
+    assert set(run_together(24, write)) <= {200, 201, 204}
+    with services.db.session() as db:
+        seq, counts = PROJECT_STATS.count(db, pid)
+    cached = services.aggregates.read(PROJECT_STATS, org, pid)
+    assert cached.seq == seq and not cached.stale
+    stats = client.get(url, headers=admin.headers).json
+    assert stats["tasks_by_status"] == {s: counts[s] for s in stats["tasks_by_status"]}
+    assert (stats["total_tasks"], stats["total_comments"]) == (8, 8)
+    assert stats["total_comments"] == counts["comments"] and not stats["stale"]
+
+
 def test_a_gap_asks_for_a_recount_only_once_it_has_stalled(client, admin, project, services):
     """An out-of-order delta normally finds its predecessor within milliseconds: reads serve the
     stats marked stale without asking for a recount; a gap that made no progress for
