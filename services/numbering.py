@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import Result, bindparam, func, select, update
 
 from aggregates import Delta
 from models import Project, User
@@ -49,16 +49,23 @@ def _number_statement(model: type) -> Any:
 
 
 @functools.cache
-def _take_statement(model: type, dialect: str) -> Any:
-    """The row's lock and its next number in one statement. MariaDB has no UPDATE ... RETURNING:
+def _take_statement(model: type, dialect: str) -> tuple[Any, Callable[[Result], int | None]]:
+    """The row's lock and its next number in one statement, and how to read the number from its
+    answer (None: no such row in the organization). MariaDB has no UPDATE ... RETURNING:
     LAST_INSERT_ID(expr) hands the value back in the statement's own answer (the cursor's
     lastrowid), as its manual shows for sequences."""
     table = model.__table__
     matched = update(table).where(table.c.id == bindparam("row_id"),
                                   table.c.organization_id == bindparam("org_id"))
     if dialect in ("mysql", "mariadb"):
-        return matched.values(stats_seq=func.last_insert_id(table.c.stats_seq + 1))
-    return matched.values(stats_seq=table.c.stats_seq + 1).returning(table.c.stats_seq)
+        return (matched.values(stats_seq=func.last_insert_id(table.c.stats_seq + 1)),
+                _last_insert_id)
+    return (matched.values(stats_seq=table.c.stats_seq + 1).returning(table.c.stats_seq),
+            Result.scalar)
+
+
+def _last_insert_id(result: Result) -> int | None:
+    return result.lastrowid if result.rowcount == 1 else None
 
 
 def lock_numbered(uow: UnitOfWork, model: type, row_id: str, org_id: str, *,
@@ -78,12 +85,8 @@ def lock_numbered(uow: UnitOfWork, model: type, row_id: str, org_id: str, *,
 
 def _lock_taking_number(uow: UnitOfWork, model: type, row_id: str,
                         org_id: str) -> Numbered | None:
-    dialect = uow.session.get_bind().dialect.name
-    result = uow.execute(_take_statement(model, dialect), {"row_id": row_id, "org_id": org_id})
-    if dialect in ("mysql", "mariadb"):
-        seq = result.lastrowid if result.rowcount == 1 else None
-    else:
-        seq = result.scalar()
+    statement, read = _take_statement(model, uow.session.get_bind().dialect.name)
+    seq = read(uow.execute(statement, {"row_id": row_id, "org_id": org_id}))
     return None if seq is None else Numbered(model, row_id, org_id, int(seq), taken=True)
 
 
