@@ -283,3 +283,25 @@ def test_kept_alive_connections_opened_together_spread_over_the_worker_processes
     assert statuses == [200] * 16
     assert len(held) == 2 and sum(held.values()) > 0, held
     assert max(held.values()) <= 2 * 4, held  # GUNICORN_THREADS defaults to 4
+
+
+# -- the worker's own settings ------------------------------------------------------------------
+
+def test_a_worker_keeps_what_it_loaded_at_start_out_of_every_garbage_collection():
+    """A full collection stopped a worker under load for a quarter of a second, walking the
+    modules and the app it loaded at start (BENCHMARKS.md, "Garbage collection")."""
+    import gc
+    import runpy
+    from pathlib import Path
+
+    from gunicorn.config import Config
+
+    settings = runpy.run_path(str(Path(__file__).parents[1] / "web" / "gunicorn_conf.py"))
+    config = Config()
+    config.set("post_worker_init", settings["post_worker_init"])  # gunicorn checks its arity
+    gc.unfreeze()
+    try:
+        config.post_worker_init(None)
+        assert gc.get_freeze_count() > 10_000
+    finally:
+        gc.unfreeze()

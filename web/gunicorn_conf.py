@@ -4,6 +4,7 @@ The bind address comes from the command line. Environment: WEB_CONCURRENCY (work
 GUNICORN_ACCESS_LOG=1 (access log on stdout), PROMETHEUS_MULTIPROC_DIR (set by `make up`).
 """
 
+import gc
 import os
 
 
@@ -59,3 +60,12 @@ def post_fork(server, worker):
     from stack.redis_server import die_with_parent
 
     die_with_parent()
+
+
+def post_worker_init(worker):
+    """The objects the worker made loading the app (modules, the app, its services) move out of
+    the collector's sight: a full collection then walks only what requests made since. It walked
+    them all, 100 ms of one core under load, stopping every thread of the process for 230-460 ms
+    of wall time on 2 busy cores (BENCHMARKS.md, "Garbage collection")."""
+    gc.collect()
+    gc.freeze()
