@@ -5,15 +5,19 @@ server banner."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
+import runpy
 import shutil
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 import requests
+from gunicorn.config import Config
 
 from conftest import fresh_database
 from gunicorn_server import start_gunicorn
@@ -290,12 +294,6 @@ def test_kept_alive_connections_opened_together_spread_over_the_worker_processes
 def test_a_worker_keeps_what_it_loaded_at_start_out_of_every_garbage_collection():
     """A full collection stopped a worker under load for a quarter of a second, walking the
     modules and the app it loaded at start (BENCHMARKS.md, "Garbage collection")."""
-    import gc
-    import runpy
-    from pathlib import Path
-
-    from gunicorn.config import Config
-
     settings = runpy.run_path(str(Path(__file__).parents[1] / "web" / "gunicorn_conf.py"))
     config = Config()
     config.set("post_worker_init", settings["post_worker_init"])  # gunicorn checks its arity
