@@ -70,6 +70,11 @@ class Settings:
     # page (read back from the database after the bump) instead of leaving them to the next
     # reader's miss. CACHE_WARM_AFTER_WRITE=0 turns it off.
     warm_after_write: bool = True
+    # A value read in the last part of its TTL (this fraction of it) is loaded again and stored
+    # before it expires (cache/store.py `RedisCache._refresh`): a key read at least once in the
+    # last quarter of its TTL is never missed for its TTL, for a load per three quarters of it
+    # instead of one per TTL. CACHE_REFRESH_AHEAD=0 turns it off.
+    cache_refresh_ahead: float = 0.25
 
     def with_overrides(self, **changes) -> "Settings":
         return replace(self, **changes)
@@ -99,6 +104,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         counter_flush_interval=float(env.get("COUNTER_FLUSH_INTERVAL") or 1.0),
         near_cache_entries=int(env.get("NEAR_CACHE_ENTRIES") or 20_000),
         warm_after_write=_flag(env.get("CACHE_WARM_AFTER_WRITE"), True),
+        cache_refresh_ahead=float(env.get("CACHE_REFRESH_AHEAD") or 0.25),
     )
 
 

@@ -30,6 +30,11 @@ invalidations = Counter("cache_invalidations_total", "Cache version bumps", ["en
 # that store found newer tokens (nothing stored).
 warmed = Counter("cache_warmed_total", "Values loaded and stored right after a write, so that the "
                  "next reader hits", ["entity_type", "outcome"])
+# A value read in the last part of its TTL, loaded again and stored before it expires
+# (cache/store.py RedisCache._refresh): "stored"; "superseded" when a write retired the version
+# it was read under (nothing stored); "failed" when Redis or the database could not be reached.
+refreshed = Counter("cache_refreshed_ahead_total", "Values loaded again before their TTL ran "
+                    "out, because they were still being read", ["entity_type", "outcome"])
 # After a write's commit (services/uow.py): events the web applied whole and marked processed,
 # events sent to a worker to finish, and events neither could take (the outbox sweep re-sends them).
 outbox_events = Counter("outbox_events_total", "Events after their write's commit, by who takes "

@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol, Sequence, TypeVar
 
@@ -53,9 +54,10 @@ EVENT_MARKER_TTL = 600
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 # KEYS: the version keys, then the value. ARGV: token seed, version TTL, sliding TTL (0: none),
-# slide step. Returns {tokens, value or false}. The stored value is `<tokens>|<blob>`. A sliding
-# value's TTL is extended only once it has run down by the slide step: a write (and the near
-# caches' invalidation it causes) at most once per step, not one per request.
+# slide step. Returns {tokens, value or false, the value's PTTL (refresh ahead of expiry)}. The
+# stored value is `<tokens>|<blob>`. A sliding value's TTL is extended only once it has run down
+# by the slide step: a write (and the near caches' invalidation it causes) at most once per step,
+# not one per request.
 _LOOKUP = """
 local n = #KEYS - 1
 local parts = {}
@@ -73,7 +75,7 @@ if stored and string.sub(stored, 1, #tokens + 1) == tokens .. '|' then
   if ARGV[3] ~= '0' and redis.call('TTL', KEYS[n + 1]) < tonumber(ARGV[3]) - tonumber(ARGV[4]) then
     redis.call('EXPIRE', KEYS[n + 1], ARGV[3])
   end
-  return {tokens, string.sub(stored, #tokens + 2)}
+  return {tokens, string.sub(stored, #tokens + 2), redis.call('PTTL', KEYS[n + 1])}
 end
 return {tokens, false}
 """
@@ -250,6 +252,7 @@ class Lookup:
     value: Any = MISSING
     layer: str = "redis"  # where the value came from: "l1" (the near cache) or "redis"
     stored: bool = False  # a value was stored under `tokens` (they were still current)
+    expires: float | None = None  # when the value expires in Redis (time.monotonic()), if known
 
     @property
     def hit(self) -> bool:
@@ -317,6 +320,54 @@ class BatchedCounters:
         return len(hashes) + len(zsets) + len(ttls)
 
 
+class Refreshes:
+    """Refreshes ahead of expiry, run off the request's thread: one thread per process, made
+    when first needed (and again in a forked child, which has none), at most one refresh per key
+    and `limit` waiting."""
+
+    def __init__(self, limit: int = 256) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._due: set[str] = set()
+        self._executor: ThreadPoolExecutor | None = None
+        self._pid = 0
+
+    def start(self, name: str, refresh: Callable[[], None]) -> None:
+        with self._lock:
+            if name in self._due or len(self._due) >= self.limit:
+                return
+            self._due.add(name)
+            if self._executor is None or self._pid != os.getpid():
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="cache-refresh")
+                self._pid = os.getpid()
+            executor = self._executor
+        executor.submit(self._run, name, refresh)
+
+    def _run(self, name: str, refresh: Callable[[], None]) -> None:
+        try:
+            refresh()
+        finally:
+            with self._lock:
+                self._due.discard(name)
+
+    def wait(self, timeout: float = 10.0) -> bool:
+        """True once no refresh is due."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._due:
+                    return True
+            time.sleep(0.005)
+        return False
+
+    def stop(self) -> None:
+        """Finish the refreshes under way and start no more (before the database goes)."""
+        with self._lock:
+            executor, self._executor, self.limit = self._executor, None, 0
+        if executor is not None and self._pid == os.getpid():
+            executor.shutdown(wait=True)
+
+
 def _near_age(key: Key) -> float:
     """How long a near copy of `key` may live: a sliding value's until its TTL is due to be
     extended in Redis again (a copy read for longer would let the session lapse there)."""
@@ -332,11 +383,13 @@ class RedisCache:
 
     def __init__(self, client: redis.Redis, breaker: CircuitBreaker, *,
                  lock_ttl_ms: int = 10_000, max_wait: float = 2.0,
-                 counter_interval: float = 1.0) -> None:
+                 counter_interval: float = 1.0, refresh_ahead: float = 0.0) -> None:
         self.client = client
         self.breaker = breaker
         self.lock_ttl_ms = lock_ttl_ms
         self.max_wait = max_wait
+        self.refresh_ahead = refresh_ahead
+        self.refreshes = Refreshes()
         self.counters = BatchedCounters(counter_interval)
         self.near: NearCache | None = None  # attached by build_services for the API's processes
         self._lookup = client.register_script(_LOOKUP)
@@ -439,7 +492,8 @@ class RedisCache:
 
     def _lookup_near(self, keys: Sequence[Key], ticket: int) -> list[Lookup | None]:
         """Each key's copy in this process's near cache, or None where it has none."""
-        return [None if kept is MISSING else Lookup(kept.key, kept.tokens, kept.value, "l1")
+        return [None if kept is MISSING
+                else Lookup(kept.key, kept.tokens, kept.value, "l1", expires=kept.expires)
                 for kept in self.near.get_each([key.name for key in keys], ticket)]
 
     def _lookup_redis(self, keys: Sequence[Key], side: Sequence["SideRead"],
@@ -478,11 +532,12 @@ class RedisCache:
             replies = self.call("get", run)
         except Unavailable:
             return [Lookup(key, None) for key in keys]
-        found = []
-        for key, (tokens, raw) in zip(keys, replies):
+        found, now = [], time.monotonic()
+        for key, (tokens, raw, *pttl) in zip(keys, replies):
             lookup = Lookup(key, tokens.decode() if isinstance(tokens, bytes) else tokens)
             if raw is not None:
                 lookup.value = codec.decode(raw)
+                lookup.expires = now + pttl[0] / 1000 if pttl and pttl[0] > 0 else None
                 if ticket is not None:
                     self.near.put(key.name, lookup, (*key.versions, key.name), ticket,
                                   max_age=_near_age(key))
@@ -544,6 +599,8 @@ class RedisCache:
         on one key load once: the others wait (bounded) for the first loader's value."""
         lookup = lookup or self.lookup(key)
         if lookup.hit:
+            if self._due_for_refresh(lookup):
+                self.refreshes.start(key.name, lambda: self._refresh(lookup, load))
             return lookup.value, HIT_L1 if lookup.layer == "l1" else HIT_L2
         if lookup.tokens is None:
             return load(), BYPASS
@@ -572,6 +629,32 @@ class RedisCache:
         value = load()
         self.store(lookup, value)
         return value, MISS
+
+    def _due_for_refresh(self, lookup: Lookup) -> bool:
+        """The value is in the last part of its TTL (`refresh_ahead`, a fraction of it): a
+        value read that late is loaded again before it expires, so that its readers never meet
+        the expiry. A sliding value (a session's) never gets there: its lookups extend it."""
+        return (self.refresh_ahead > 0 and lookup.expires is not None
+                and lookup.expires - time.monotonic() < lookup.key.ttl * self.refresh_ahead)
+
+    def _refresh(self, lookup: Lookup, load: Callable[[], Any]) -> None:
+        """Load `lookup`'s value again and store it with a whole TTL, under the tokens the
+        lookup saw: a write since then retired them, and its value is not stored (as a miss's
+        load: see `store`). One process of all does it per version (a lock left to expire: a
+        process that has not yet seen the new value in Redis asks again and finds it taken)."""
+        key = lookup.key
+        try:
+            if not self.call("lock", lambda: self.client.set(
+                    f"refresh:{key.name}@{lookup.tokens}", "1", nx=True, px=self.lock_ttl_ms)):
+                return
+            stored = self.store(Lookup(key, lookup.tokens), load())
+            outcome = "stored" if stored else "superseded"
+        except Unavailable:
+            outcome = "failed"
+        except Exception as exc:  # a refresh that fails is the expiry it tried to spare
+            log.warning("refresh ahead of %s failed: %s", key.family, exc)
+            outcome = "failed"
+        metrics.refreshed.labels(key.family, outcome).inc()
 
     def _wait_for(self, lookup: Lookup, lock: str) -> Any:
         deadline = time.monotonic() + self.max_wait

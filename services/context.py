@@ -82,6 +82,7 @@ class Services:
             self.l1_subscriber.stop()
         if self.cache.near:
             self.cache.near.stop()
+        self.cache.refreshes.stop()
         self.db.dispose()
         self.redis.close()
 
@@ -111,7 +112,8 @@ def build_services(settings: Settings, *, subscribe_l1: bool = True) -> Services
     client = redis_client(settings)
     breaker = CircuitBreaker(settings.breaker_cooldown)
     cache_cls = RedisCache if settings.cache_enabled else DisabledCache
-    cache = cache_cls(client, breaker, counter_interval=settings.counter_flush_interval)
+    cache = cache_cls(client, breaker, counter_interval=settings.counter_flush_interval,
+                      refresh_ahead=settings.cache_refresh_ahead)
     l1 = L1Cache()
     services = Services(settings, db, client, cache, AggregateStore(cache), l1,
                         stamps=ProcessedStamps(db))
