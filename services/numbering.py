@@ -72,9 +72,10 @@ def lock_numbered(uow: UnitOfWork, model: type, row_id: str, org_id: str, *,
                   take: bool = False) -> Numbered | None:
     """The row, locked until the transaction ends; None if there is none in `org_id`.
 
-    `take`: for a write that surely changes the row's counts (a comment, a delete), the lock
-    takes the change's number in the same statement, a round trip fewer under the lock; the
-    write must then tell the change (`Numbering.number`), or the aggregate sees a gap."""
+    `take`: for a write that numbers a change of the row's counts (a task created, deleted or
+    given a status, a comment; a member's assignment), the lock takes the change's number in the
+    same statement, a round trip fewer under the lock; the write must then tell the change
+    (`Numbering.number`, an empty one if it changed nothing), or the aggregate sees a gap."""
     if take:
         return _lock_taking_number(uow, model, row_id, org_id)
     row = uow.execute(_lock_statement(model), {"row_id": row_id}).first()
