@@ -30,7 +30,8 @@ of load after it, then the load stops and:
 - **stale**: right after the load stops, every written task, its comments, every list of the
   projects written to and every assignee's task list is read through **every** API process
   (connections are pinned to a gunicorn worker by finding which worker holds the server end of
-  the socket, with psutil) and compared with the database.
+  the socket, with psutil; each worker pinned is paused until all are, so that the next
+  connection reaches another) and compared with the database.
 - **converged**: seconds until every project's stats equal the database (counts by status,
   comments, `stale: false`) through every API process and the outbox has no unprocessed event.
 - **processes**: every process of the stack (supervisor, gunicorn master and workers, Celery
