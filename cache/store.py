@@ -331,10 +331,11 @@ class Refreshes:
         self._due: set[str] = set()
         self._executor: ThreadPoolExecutor | None = None
         self._pid = 0
+        self._stopped = False
 
     def start(self, name: str, refresh: Callable[[], None]) -> None:
         with self._lock:
-            if name in self._due or len(self._due) >= self.limit:
+            if self._stopped or name in self._due or len(self._due) >= self.limit:
                 return
             self._due.add(name)
             if self._executor is None or self._pid != os.getpid():
@@ -363,7 +364,7 @@ class Refreshes:
     def stop(self) -> None:
         """Finish the refreshes under way and start no more (before the database goes)."""
         with self._lock:
-            executor, self._executor, self.limit = self._executor, None, 0
+            executor, self._executor, self._stopped = self._executor, None, True
         if executor is not None and self._pid == os.getpid():
             executor.shutdown(wait=True)
 

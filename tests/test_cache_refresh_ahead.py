@@ -5,8 +5,6 @@ never over a write that retired the version it was read under."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import update
@@ -40,7 +38,7 @@ def near_expiry(services, key: keys.Key, ms_left: int) -> None:
 
 def counting_load(value, calls: list):
     def load():
-        calls.append(threading.get_ident())
+        calls.append(value)
         return value
     return load
 
