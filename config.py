@@ -104,8 +104,21 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         counter_flush_interval=float(env.get("COUNTER_FLUSH_INTERVAL") or 1.0),
         near_cache_entries=int(env.get("NEAR_CACHE_ENTRIES") or 20_000),
         warm_after_write=_flag(env.get("CACHE_WARM_AFTER_WRITE"), True),
-        cache_refresh_ahead=float(env.get("CACHE_REFRESH_AHEAD") or 0.25),
+        cache_refresh_ahead=_fraction(env, "CACHE_REFRESH_AHEAD", 0.25),
     )
+
+
+def _fraction(env: Mapping[str, str], name: str, default: float) -> float:
+    """A share of something (of a TTL), 0 to 1: refused at start with the setting's name, not
+    found out later as a cache that refreshes every read or never."""
+    raw = env.get(name) or str(default)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}={raw!r}: give a fraction from 0 (off) to 1")
+    return value
 
 
 def _default_instance_name(env: Mapping[str, str]) -> str:

@@ -192,7 +192,10 @@ def main(argv: list[str] | None = None) -> int:
                "PASSWORD_HASH_MEMORY_KIB": "8192", "WEB_CONCURRENCY": "2",
                # Beat's jobs often enough to be seen within the check.
                "CACHE_AUDIT_INTERVAL": "3", "TENANT_MEMORY_INTERVAL": "3",
-               "OUTBOX_SWEEP_INTERVAL": "2", "WARMUP_INTERVAL": "10"}
+               "OUTBOX_SWEEP_INTERVAL": "2", "WARMUP_INTERVAL": "10",
+               # Refreshes ahead of expiry within seconds of a value's storing, not in the last
+               # quarter of a TTL that outlasts the check.
+               "CACHE_REFRESH_AHEAD": "0.95"}
         stack = Stack("ops-check", env, with_workers=True, log_path=work / "stack.log").start()
         prom = Prometheus(binary, work, stack.port, worker_port)
         prom.wait_ready()

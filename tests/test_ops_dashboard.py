@@ -28,7 +28,7 @@ def test_the_dashboard_is_provisionable():
     titles = " ".join(p["title"].lower() for p in panels)
     for subject in ("hit rate per layer and family", "latency", "redis memory", "evictions",
                     "queue backlog", "outbox", "task rate", "task failures", "freshness",
-                    "stale ratio", "per organization"):
+                    "stale ratio", "per organization", "ahead of expiry"):
         assert subject in titles, subject
     provider = yaml.safe_load((PROVISIONING / "dashboards" / "taskcache.yml").read_text())
     assert provider["providers"][0]["type"] == "file"
