@@ -13,8 +13,12 @@ request, served by the project's own gunicorn settings on the same machine, data
   commit and before the answer, one pipeline bumps the task's and the list's versions and adds the
   change to the cached statistics. Its outbox rows are never marked done (this API batches those
   stamps, a few per hundred writes);
+- `/write-warmed`: the promised write, plus what issue 11 asks of a write so that the next reader
+  hits: in its transaction it reads the task's row and the first page (50) of its project's
+  list, and the pipeline after the commit stores both, encoded, beside the bumps;
 - `/mix`: the benchmark's mix at these floors: every twentieth request of a process is a promised
-  write, the others the read (the mixed workload's 5% of writes).
+  write, the others the read (the mixed workload's 5% of writes); `/mix-warmed` the same with the
+  warmed write.
 
 `gunicorn -c web/gunicorn_conf.py "bench.naive:create_app()"` with NAIVE_DATABASE_URL,
 NAIVE_REDIS_URL and NAIVE_SECRET (the key the benchmark's tokens are signed with). Its tables
@@ -81,8 +85,7 @@ def create_app() -> Flask:
             conn.execute(text(f"UPDATE {TABLE} SET v = v + 1 WHERE id = :id"), {"id": row})
         return {"id": row}
 
-    @app.get("/write-promised")
-    def write_promised():
+    def promised_write(warm: bool) -> dict:
         row = next(rows) % ROWS + 1
         project = row % PROJECTS + 1
         with engine.begin() as conn:
@@ -94,16 +97,37 @@ def create_app() -> Flask:
             conn.execute(text(f"INSERT INTO {OUTBOX_TABLE} (payload) VALUES (:payload)"),
                          {"payload": json.dumps({"task": row, "project": project,
                                                  "deltas": [{"TODO": -1, "COMPLETED": 1}]})})
+            if warm:
+                task = conn.execute(text(f"SELECT id, project, v, title FROM {TABLE} "
+                                         "WHERE id = :id"), {"id": row}).mappings().one()
+                page = conn.execute(text(f"SELECT id, project, v, title FROM {TABLE} "
+                                         "WHERE project = :p ORDER BY id LIMIT 50"),
+                                    {"p": project}).mappings().all()
         pipe = cache.pipeline(transaction=False)
         pipe.incr(f"bench:naive:v:task:{row}")
         pipe.incr(f"bench:naive:v:list:{project}")
         pipe.hincrby(f"bench:naive:stats:{project}", "COMPLETED", 1)
+        if warm:
+            pipe.set(f"bench:naive:task:{row}", json.dumps(dict(task)), ex=300)
+            pipe.set(f"bench:naive:list:{project}", json.dumps([dict(t) for t in page]), ex=60)
         pipe.execute()
         return {"id": row}
+
+    @app.get("/write-promised")
+    def write_promised():
+        return promised_write(warm=False)
+
+    @app.get("/write-warmed")
+    def write_warmed():
+        return promised_write(warm=True)
 
     @app.get("/mix")
     def mix():
         return write_promised() if next(requests) % MIX_EVERY == 0 else read()
+
+    @app.get("/mix-warmed")
+    def mix_warmed():
+        return write_warmed() if next(requests) % MIX_EVERY == 0 else read()
 
     return app
 
@@ -111,10 +135,15 @@ def create_app() -> Flask:
 def prepare(engine, cache, value: bytes) -> None:
     """The tables the writes update and the value the reads return."""
     with engine.begin() as conn:
-        conn.execute(text(f"CREATE TABLE {TABLE} (id INT PRIMARY KEY, v INT NOT NULL) "
+        # A project's tasks are its first page (ROWS / PROJECTS = 50), titled like the
+        # benchmark's own tasks.
+        conn.execute(text(f"CREATE TABLE {TABLE} (id INT PRIMARY KEY, project INT NOT NULL, "
+                          "v INT NOT NULL, title VARCHAR(200) NOT NULL, KEY (project, id)) "
                           "ENGINE=InnoDB"))
-        conn.execute(text(f"INSERT INTO {TABLE} (id, v) VALUES (:id, 0)"),
-                     [{"id": i} for i in range(1, ROWS + 1)])
+        conn.execute(text(f"INSERT INTO {TABLE} (id, project, v, title) "
+                          "VALUES (:id, :project, 0, :title)"),
+                     [{"id": i, "project": i % PROJECTS + 1, "title": f"Task {i} of the floor"}
+                      for i in range(1, ROWS + 1)])
         conn.execute(text(f"CREATE TABLE {PROJECTS_TABLE} (id INT PRIMARY KEY, "
                           "seq BIGINT NOT NULL) ENGINE=InnoDB"))
         conn.execute(text(f"INSERT INTO {PROJECTS_TABLE} (id, seq) VALUES (:id, 0)"),

@@ -548,7 +548,11 @@ class Bench:
             out["write"] = self.measure_against_health("one UPDATE, committed", "/write")
             out["write_promised"] = self.measure_against_health(
                 "a write with its promises", "/write-promised")
+            out["write_warmed"] = self.measure_against_health(
+                "the promised write, warming its task and list", "/write-warmed")
             out["mix"] = self.measure_against_health("the mix (5% promised writes)", "/mix")
+            out["mix_warmed"] = self.measure_against_health("the mix (5% warmed writes)",
+                                                            "/mix-warmed")
             # How soon a write is visible (it is once answered) on a machine this busy, whatever
             # the implementation: a probe of promised writes through one more run of the mix.
             probe = probes.AnswerProbe(stack.base, "/write-promised", interval=0.02)
