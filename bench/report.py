@@ -93,7 +93,8 @@ def ratios(r: dict) -> dict:
         "recomputes_per_1000_writes": _get(c, "burst", "recomputes_per_1000"),
     }
     # The floors (bench/naive.py): the simplest app's requests against its own /health, its mix
-    # measured, and this stack's reads with the promised write (computed from the two runs).
+    # measured, and this stack's reads with the promised write, and with the write that also
+    # warms (computed from the two runs).
     share = _get(c, "mixed", "write_share")
     naive = r.get("naive", {})
     for name in ("read", "read_held", "write", "write_promised", "write_warmed", "mix",
