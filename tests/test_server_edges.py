@@ -303,3 +303,24 @@ def test_a_worker_keeps_what_it_loaded_at_start_out_of_every_garbage_collection(
         assert gc.get_freeze_count() > 10_000
     finally:
         gc.unfreeze()
+
+
+def test_a_celery_pool_process_keeps_what_it_loaded_out_of_every_garbage_collection(settings):
+    """The same for each Celery pool process, once its services are built after the fork."""
+    from celery import current_app
+
+    from worker import base, signals
+    from worker.app import create_celery
+
+    before = current_app._get_current_object()
+    create_celery(settings).set_current()
+    base.close_process_services()
+    gc.unfreeze()
+    try:
+        signals._build_services()
+        assert base.process_services(None).settings is settings
+        assert gc.get_freeze_count() > 10_000
+    finally:
+        gc.unfreeze()
+        base.close_process_services()
+        before.set_current()

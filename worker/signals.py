@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 
@@ -14,8 +15,13 @@ log = logging.getLogger(__name__)
 
 
 def _build_services(**_) -> None:
-    """In each pool process, right after the fork."""
+    """In each pool process, right after the fork: its services, then everything it holds so far
+    (modules, the app, the services) moved out of the collector's sight, as the API's gunicorn
+    workers do (web/gunicorn_conf.py). A full collection walked all of it: about 54 ms of a pool
+    process's CPU each time, with every task of the process stopped meanwhile (BENCHMARKS.md)."""
     reset_after_fork(current_app)
+    gc.collect()
+    gc.freeze()
 
 
 def _close_services(pid=None, **_) -> None:
