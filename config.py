@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping, TypeVar
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 DEFAULT_DATABASE_URL = f"sqlite:///{PROJECT_ROOT / 'var' / 'taskcache.db'}"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+T = TypeVar("T", int, float)
 
 
 def _redis_db(url: str, db: int) -> str:
@@ -21,6 +23,10 @@ def _redis_db(url: str, db: int) -> str:
     if base.startswith("redis") and tail.isdigit():
         return f"{base}/{db}"
     return f"{url.rstrip('/')}/{db}"
+
+
+class SettingError(ValueError):
+    """A setting in the environment that cannot be used (its name and what it must be)."""
 
 
 def _flag(value: str | None, default: bool) -> bool:
@@ -89,35 +95,42 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         redis_cluster_url=env.get("REDIS_CLUSTER_URL") or None,
         celery_broker_url=env.get("CELERY_BROKER_URL") or _redis_db(redis_url, 1),
         secret_key=env.get("SECRET_KEY") or _dev_secret_key(),
-        web_port=int(env.get("WEB_PORT") or 8000),
-        flower_port=int(env.get("FLOWER_PORT") or 5555),
+        web_port=_number(env, "WEB_PORT", 8000, int, 1, 65535),
+        flower_port=_number(env, "FLOWER_PORT", 5555, int, 1, 65535),
         flower_basic_auth=env.get("FLOWER_BASIC_AUTH") or None,
         cache_enabled=_flag(env.get("CACHE_ENABLED"), True),
-        access_token_ttl=int(env.get("ACCESS_TOKEN_TTL") or 900),
-        recompute_countdown=float(env.get("RECOMPUTE_COUNTDOWN") or 0.2),
+        access_token_ttl=_number(env, "ACCESS_TOKEN_TTL", 900, int, 1),
+        recompute_countdown=_number(env, "RECOMPUTE_COUNTDOWN", 0.2, float, 0),
         instance_name=env.get("INSTANCE_NAME") or _default_instance_name(env),
         bind_address=env.get("BIND_ADDRESS") or "127.0.0.1",
         stack_user=env.get("STACK_USER") if env.get("STACK_USER") is not None else "nobody",
-        login_failures_per_address=int(env.get("LOGIN_FAILURES_PER_ADDRESS") or 30),
+        login_failures_per_address=_number(env, "LOGIN_FAILURES_PER_ADDRESS", 30, int, 1),
         trusted_proxies=tuple(p.strip() for p in (env.get("TRUSTED_PROXIES") or "").split(",")
                               if p.strip()),
-        counter_flush_interval=float(env.get("COUNTER_FLUSH_INTERVAL") or 1.0),
-        near_cache_entries=int(env.get("NEAR_CACHE_ENTRIES") or 20_000),
+        counter_flush_interval=_number(env, "COUNTER_FLUSH_INTERVAL", 1.0, float, 0),
+        near_cache_entries=_number(env, "NEAR_CACHE_ENTRIES", 20_000, int, 0),
         warm_after_write=_flag(env.get("CACHE_WARM_AFTER_WRITE"), True),
-        cache_refresh_ahead=_fraction(env, "CACHE_REFRESH_AHEAD", 0.25),
+        cache_refresh_ahead=_number(env, "CACHE_REFRESH_AHEAD", 0.25, float, 0, 1),
     )
 
 
-def _fraction(env: Mapping[str, str], name: str, default: float) -> float:
-    """A share of something (of a TTL), 0 to 1: refused at start with the setting's name, not
-    found out later as a cache that refreshes every read or never."""
-    raw = env.get(name) or str(default)
+def _number(env: Mapping[str, str], name: str, default: T, kind: Callable[[str], T],
+            low: T | None = None, high: T | None = None) -> T:
+    """A numeric setting, or the reason it is refused, naming it: an operator's typo stops the
+    process at start, not later as a port that never binds or a cache that refreshes every read."""
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
     try:
-        value = float(raw)
+        value = kind(raw)
     except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name}={raw!r}: give a fraction from 0 (off) to 1")
+        value = None
+    if (value is None or not math.isfinite(value)
+            or (low is not None and value < low) or (high is not None and value > high)):
+        wanted = "a whole number" if kind is int else "a number"
+        span = (f" from {low} to {high}" if high is not None
+                else f" of at least {low}" if low is not None else "")
+        raise SettingError(f"{name}={raw!r}: give {wanted}{span}")
     return value
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from config import load_settings
+from config import SettingError, load_settings
 from stack import nginx
 from stack.redis_cluster import RedisCluster
 from stack.redis_server import RedisServer, free_port
@@ -268,9 +268,14 @@ def run(args: argparse.Namespace, stop: StopRequest) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     stop = StopRequest()
     try:
-        return run(parse_args(argv), stop)
+        load_settings()  # a refused setting stops here, before anything starts
+        return run(args, stop)
+    except SettingError as error:
+        log(f"configuration: {error}")
+        return 2
     except KeyboardInterrupt:
         log("interrupted")
         return 130

@@ -27,7 +27,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from config import Settings, load_settings
+from config import SettingError, Settings, load_settings
 from stack.redis_server import (
     RedisServerMissing,
     free_port,
@@ -374,12 +374,16 @@ def run(args: argparse.Namespace, stop: StopRequest) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.print_config:
-        print_config(load_settings())
-        return 0
     stop = StopRequest()
     try:
+        settings = load_settings()  # a refused setting stops here, before anything starts
+        if args.print_config:
+            print_config(settings)
+            return 0
         return run(args, stop)
+    except SettingError as error:
+        log(f"configuration: {error}")
+        return 2
     except RedisServerMissing as error:
         log(str(error))
         return 1

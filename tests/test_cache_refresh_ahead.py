@@ -11,7 +11,6 @@ from sqlalchemy import update
 
 from api_support import make_project, make_task
 from cache import keys
-from config import load_settings
 from conftest import topology_mode
 from models import Task
 from services.pagination import DEFAULT_LIMIT
@@ -149,13 +148,3 @@ def test_a_refresh_off_stores_nothing_ahead(services):
     assert cache.refreshes.wait()
     assert calls == []
 
-
-@pytest.mark.parametrize("given", ["1.5", "-0.1", "quarter", "nan"])
-def test_a_refresh_share_outside_0_to_1_is_refused_at_start_with_its_name(given):
-    with pytest.raises(ValueError, match="CACHE_REFRESH_AHEAD"):
-        load_settings({"SECRET_KEY": "k", "CACHE_REFRESH_AHEAD": given})
-
-
-def test_a_refresh_share_of_0_turns_it_off_and_none_given_is_a_quarter():
-    assert load_settings({"SECRET_KEY": "k", "CACHE_REFRESH_AHEAD": "0"}).cache_refresh_ahead == 0
-    assert load_settings({"SECRET_KEY": "k"}).cache_refresh_ahead == 0.25
