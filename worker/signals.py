@@ -18,7 +18,7 @@ def _build_services(**_) -> None:
     """In each pool process, right after the fork: its services, then everything it holds so far
     (modules, the app, the services) moved out of the collector's sight, as the API's gunicorn
     workers do (web/gunicorn_conf.py). A full collection walked all of it: about 54 ms of a pool
-    process's CPU each time, with every task of the process stopped meanwhile (BENCHMARKS.md)."""
+    process's CPU each time, with the task it was running stopped meanwhile (BENCHMARKS.md)."""
     reset_after_fork(current_app)
     gc.collect()
     gc.freeze()
