@@ -81,6 +81,9 @@ class Settings:
     # last quarter of its TTL is never missed for its TTL, for a load per three quarters of it
     # instead of one per TTL. CACHE_REFRESH_AHEAD=0 turns it off.
     cache_refresh_ahead: float = 0.25
+    # GETs of the API's declared endpoints answered without Flask's dispatch (web/hot.py), the
+    # same answers for less CPU. WEB_HOT_PATH=0 sends every request through Flask.
+    web_hot_path: bool = True
 
     def with_overrides(self, **changes) -> "Settings":
         return replace(self, **changes)
@@ -111,6 +114,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         near_cache_entries=_number(env, "NEAR_CACHE_ENTRIES", 20_000, int, 0),
         warm_after_write=_flag(env.get("CACHE_WARM_AFTER_WRITE"), True),
         cache_refresh_ahead=_number(env, "CACHE_REFRESH_AHEAD", 0.25, float, 0, 1),
+        web_hot_path=_flag(env.get("WEB_HOT_PATH"), True),
     )
 
 

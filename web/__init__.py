@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
-from flask import Flask
+from flask import Flask, Response
 from flask.sessions import NullSession, SessionInterface
 
 from config import Settings, load_settings
@@ -29,12 +30,16 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     _attach_worker(app, services)
     _register_blueprints(app)
     _static_headers(app)
-    _instance_header(app, settings.instance_name)
+    finish = _answer_headers(app, settings.instance_name)
     from web import errors
 
     errors.register(app)
     security.register(app)
     _logging(app)
+    if settings.web_hot_path:
+        from web.hot import HotPath
+
+        app.wsgi_app = HotPath(app.wsgi_app, services, finish)
     return app
 
 
@@ -87,12 +92,18 @@ def _static_headers(app: Flask) -> None:
         return response
 
 
-def _instance_header(app: Flask, name: str) -> None:
-    """Behind a balancer a client (and a test) can tell which API server answered."""
+def _answer_headers(app: Flask, name: str) -> Callable[[Response], Response]:
+    """The headers of every answer, Flask's and the hot path's (web/hot.py): the security
+    headers, and which API server answered (behind a balancer a client, and a test, can tell)."""
+    from web import security
+
     @app.after_request
-    def name_instance(response):
+    def finish(response: Response) -> Response:
+        response = security.add_headers(response)
         response.headers["X-Instance"] = name
         return response
+
+    return finish
 
 
 def _logging(app: Flask) -> None:

@@ -13,6 +13,7 @@ import xxhash
 from flask import Blueprint, Response, current_app, request
 from pydantic import BaseModel, ValidationError
 from werkzeug.routing import UUIDConverter
+from werkzeug.wrappers import Request
 
 from cache.near import MISSING, ByIdentity
 from services import auth
@@ -34,6 +35,8 @@ class Operation:
     authenticated: bool
     public: bool
     errors: tuple[int, ...] = field(default_factory=tuple)
+    view: Callable[..., Any] | None = None
+    prefetch: Callable[[Any, str, dict], list] | None = None
 
     @property
     def path(self) -> str:
@@ -97,13 +100,13 @@ _QUERIES_MAX, _QUERY_MAX_CHARS = 1024, 256
 _queries: dict[tuple[type[BaseModel], str], BaseModel] = {}
 
 
-def parse_query(model: type[BaseModel]) -> BaseModel:
-    raw = request.environ.get("QUERY_STRING", "")
+def parse_query(model: type[BaseModel], environ: dict) -> BaseModel:
+    raw = environ.get("QUERY_STRING", "")
     found = _queries.get((model, raw))
     if found is not None:
         return found
     try:
-        parsed = model.model_validate(request.args.to_dict())
+        parsed = model.model_validate(Request(environ).args.to_dict())
     except ValidationError as exc:
         errors = _field_errors(exc)
         raise Unprocessable("; ".join(f"{e['field']}: {e['message']}" for e in errors),
@@ -115,8 +118,8 @@ def parse_query(model: type[BaseModel]) -> BaseModel:
     return parsed
 
 
-def bearer_token() -> str:
-    header = request.environ.get("HTTP_AUTHORIZATION", "")  # not the header map's search
+def bearer_token(environ: dict) -> str:
+    header = environ.get("HTTP_AUTHORIZATION", "")  # not the header map's search
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("send an access token: Authorization: Bearer <token>")
@@ -146,7 +149,7 @@ def _encode(data: Any) -> tuple[bytes, str]:
     return body, etag
 
 
-def respond(result: Any, op: Operation) -> Response:
+def respond(result: Any, op: Operation, environ: dict) -> Response:
     if op.status == 204:
         return Response(status=204)
     data, source = result if isinstance(result, tuple) else (result, None)
@@ -157,9 +160,26 @@ def respond(result: Any, op: Operation) -> Response:
     headers = [("ETag", etag), ("Cache-Control", PUBLIC_CACHING if op.public else PRIVATE_CACHING)]
     if source:
         headers.append(("X-Cache", source))
-    if etag in request.headers.get("If-None-Match", ""):
+    if etag in environ.get("HTTP_IF_NONE_MATCH", ""):
         return Response(b"", status=304, headers=headers, mimetype=JSON)
     return Response(body, status=op.status, headers=headers, mimetype=JSON)
+
+
+def serve(op: Operation, ctx: Any, environ: dict, path: dict) -> Response:
+    """One request to `op`, from its WSGI environ and path parameters: Flask's view and the hot
+    path (web/hot.py) both answer with it."""
+    kwargs = dict(path)
+    # Who is asking comes first: an anonymous caller learns nothing from validation.
+    if op.authenticated:
+        plan = None if op.prefetch is None else (lambda org: op.prefetch(ctx, org, kwargs))
+        kwargs["actor"], lookups = auth.authenticate(ctx, bearer_token(environ), prefetch=plan)
+        if op.prefetch is not None:
+            kwargs["lookups"] = lookups
+    if op.body is not None:
+        kwargs["body"] = parse_body(op.body)
+    if op.query is not None:
+        kwargs["query"] = parse_query(op.query, environ)
+    return respond(op.view(ctx, **kwargs), op, environ)
 
 
 def endpoint(bp: Blueprint, method: str, rule: str, *, summary: str,
@@ -171,26 +191,15 @@ def endpoint(bp: Blueprint, method: str, rule: str, *, summary: str,
     """`prefetch(services, org_id, path_params)` names what the view reads (cache keys, side
     reads): it is read in the session's round trip and handed to the view as `lookups` (in the
     same order)."""
-    op = Operation(method, rule, summary, bp.name, body, query, response, status, authenticated,
-                   public, errors)
-    OPERATIONS.append(op)
 
     def wrap(fn: Callable) -> Callable:
+        op = Operation(method, rule, summary, bp.name, body, query, response, status,
+                       authenticated, public, errors, fn, prefetch)
+        OPERATIONS.append(op)
+
         @wraps(fn)
         def view(**path: Any) -> Response:
-            kwargs = dict(path)
-            ctx = services()
-            # Who is asking comes first: an anonymous caller learns nothing from validation.
-            if authenticated:
-                plan = None if prefetch is None else (lambda org: prefetch(ctx, org, kwargs))
-                kwargs["actor"], lookups = auth.authenticate(ctx, bearer_token(), prefetch=plan)
-                if prefetch is not None:
-                    kwargs["lookups"] = lookups
-            if body is not None:
-                kwargs["body"] = parse_body(body)
-            if query is not None:
-                kwargs["query"] = parse_query(query)
-            return respond(fn(ctx, **kwargs), op)
+            return serve(op, services(), request.environ, path)
 
         bp.add_url_rule(rule, endpoint=fn.__name__, view_func=view, methods=[method])
         return fn

@@ -82,5 +82,5 @@ def limit_body(req: Request) -> None:
 
 
 def register(app: Flask) -> None:
+    """The body limit; the headers are added with the rest of every answer's (web/__init__.py)."""
     app.before_request(lambda: limit_body(request))
-    app.after_request(add_headers)
