@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from functools import wraps
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import orjson
 import xxhash
@@ -149,23 +149,35 @@ def _encode(data: Any) -> tuple[bytes, str]:
     return body, etag
 
 
-def respond(result: Any, op: Operation, environ: dict) -> Response:
+class Answer(NamedTuple):
+    """A view's answer before it is a Response: the hot path writes a 200 as it is."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    mimetype: str | None = JSON
+
+    def response(self) -> Response:
+        return Response(self.body, status=self.status, headers=self.headers,
+                        mimetype=self.mimetype)
+
+
+def respond(result: Any, op: Operation, environ: dict) -> Answer:
     if op.status == 204:
-        return Response(status=204)
+        return Answer(204, [], b"", None)
     data, source = result if isinstance(result, tuple) else (result, None)
     if op.method != "GET":
-        return Response(orjson.dumps(data), status=op.status, mimetype=JSON)
+        return Answer(op.status, [], orjson.dumps(data))
     body, etag = _encode(data)
-    # Headers given at once: each one set afterwards is validated and searched for again.
     headers = [("ETag", etag), ("Cache-Control", PUBLIC_CACHING if op.public else PRIVATE_CACHING)]
     if source:
         headers.append(("X-Cache", source))
     if etag in environ.get("HTTP_IF_NONE_MATCH", ""):
-        return Response(b"", status=304, headers=headers, mimetype=JSON)
-    return Response(body, status=op.status, headers=headers, mimetype=JSON)
+        return Answer(304, headers, b"")
+    return Answer(op.status, headers, body)
 
 
-def serve(op: Operation, ctx: Any, environ: dict, path: dict) -> Response:
+def serve(op: Operation, ctx: Any, environ: dict, path: dict) -> Answer:
     """One request to `op`, from its WSGI environ and path parameters: Flask's view and the hot
     path (web/hot.py) both answer with it."""
     kwargs = dict(path)
@@ -199,7 +211,7 @@ def endpoint(bp: Blueprint, method: str, rule: str, *, summary: str,
 
         @wraps(fn)
         def view(**path: Any) -> Response:
-            return serve(op, services(), request.environ, path)
+            return serve(op, services(), request.environ, path).response()
 
         bp.add_url_rule(rule, endpoint=fn.__name__, view_func=view, methods=[method])
         return fn
