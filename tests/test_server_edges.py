@@ -13,6 +13,8 @@ import runpy
 import shutil
 import socket
 import subprocess
+import time
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import pytest
@@ -125,6 +127,20 @@ def test_every_answer_has_the_security_headers_and_no_server_banner(server, path
         assert answer.headers["Cache-Control"] == "no-store"
     if answer.headers["Content-Type"].startswith("application/"):
         assert answer.headers["Content-Security-Policy"].startswith("default-src 'none'")
+
+
+def test_every_answer_is_dated_to_its_second(server):
+    """The Date header's text is kept for a second (web/gunicorn_edges.py), never longer."""
+    dates = set()
+    for _ in range(3):
+        before = time.time()
+        answer = requests.get(f"{server.base}/health", timeout=30)
+        after = time.time()
+        dated = parsedate_to_datetime(answer.headers["Date"]).timestamp()
+        assert int(before) <= dated <= after, (before, answer.headers["Date"], after)
+        dates.add(answer.headers["Date"])
+        time.sleep(1.05)
+    assert len(dates) == 3
 
 
 def test_only_a_static_file_is_immutable_never_its_404(server):

@@ -1,7 +1,8 @@
 """What gunicorn answers by itself, before the application sees a request: its error pages
 (400 bad request line, 414 request line over `limit_request_line`, 431 header over
 `limit_request_field_size` or more than `limit_request_fields` headers ...) become problem+json
-with the headers every answer carries, and no answer names the server (`Server: gunicorn`).
+with the headers every answer carries, and no answer names the server (`Server: gunicorn`). The
+`Date` header's text is made once a second, not for every answer.
 
 Gunicorn has no setting for either (benoitc/gunicorn#825: "set it in your application", which
 only adds a second Server header), so `install()` replaces the two functions that write them; it
@@ -9,6 +10,9 @@ runs in the master from gunicorn's `on_starting` hook, and the workers inherit i
 against a real gunicorn (tests/test_server_edges.py) fail if an upgrade moves these functions."""
 
 from __future__ import annotations
+
+import time
+from typing import Callable
 
 import orjson
 
@@ -47,3 +51,22 @@ def install() -> None:
         return [line for line in default_headers(self) if not line.startswith("Server:")]
 
     wsgi.Response.default_headers = without_server
+    util.http_date = per_second(util.http_date)
+
+
+def per_second(http_date: Callable[..., str]) -> Callable[..., str]:
+    """gunicorn formats every answer's `Date` anew (email.utils, 5% of a warm read's samples once
+    Flask's dispatch was gone); its text changes once a second. Two threads that find it old
+    both format it: the same text."""
+    last = (-1, "")
+
+    def dated(timestamp: float | None = None) -> str:
+        nonlocal last
+        if timestamp is not None:
+            return http_date(timestamp)
+        second = int(time.time())
+        if last[0] != second:
+            last = (second, http_date(second))
+        return last[1]
+
+    return dated
