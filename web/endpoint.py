@@ -169,6 +169,8 @@ def respond(result: Any, op: Operation, environ: dict) -> Answer:
     if op.method != "GET":
         return Answer(op.status, [], orjson.dumps(data))
     body, etag = _encode(data)
+    # Headers given at once: each one set on a Response afterwards is validated and searched for
+    # again.
     headers = [("ETag", etag), ("Cache-Control", PUBLIC_CACHING if op.public else PRIVATE_CACHING)]
     if source:
         headers.append(("X-Cache", source))
@@ -179,7 +181,8 @@ def respond(result: Any, op: Operation, environ: dict) -> Answer:
 
 def serve(op: Operation, ctx: Any, environ: dict, path: dict) -> Answer:
     """One request to `op`, from its WSGI environ and path parameters: Flask's view and the hot
-    path (web/hot.py) both answer with it."""
+    path (web/hot.py) both answer with it. A body is read through Flask's request: only Flask's
+    view serves an operation that takes one."""
     kwargs = dict(path)
     # Who is asking comes first: an anonymous caller learns nothing from validation.
     if op.authenticated:

@@ -1,13 +1,13 @@
 """What gunicorn answers by itself, before the application sees a request: its error pages
 (400 bad request line, 414 request line over `limit_request_line`, 431 header over
 `limit_request_field_size` or more than `limit_request_fields` headers ...) become problem+json
-with the headers every answer carries, and no answer names the server (`Server: gunicorn`). The
-`Date` header's text is made once a second, not for every answer.
+with the headers every answer carries, and no answer names the server (`Server: gunicorn`).
 
 Gunicorn has no setting for either (benoitc/gunicorn#825: "set it in your application", which
-only adds a second Server header), so `install()` replaces the two functions that write them; it
+only adds a second Server header), so `install()` replaces the functions that write them; it
 runs in the master from gunicorn's `on_starting` hook, and the workers inherit it. The tests
-against a real gunicorn (tests/test_server_edges.py) fail if an upgrade moves these functions."""
+against a real gunicorn (tests/test_server_edges.py) fail if an upgrade moves these functions.
+`install()` also has the `Date` header's text made once a second instead of for every answer."""
 
 from __future__ import annotations
 

@@ -40,11 +40,13 @@ def _pattern(rule: str) -> re.Pattern[str] | None:
 
 
 def routes(operations: Iterable[Operation]) -> list[Route]:
+    """(match, operation) for each GET without a body whose rule this path can match."""
     found = []
     for op in operations:
-        pattern = _pattern(op.rule) if op.method == "GET" and op.body is None else None
-        if pattern is not None and op.view is not None:
-            found.append((pattern.fullmatch, op))
+        if op.method == "GET" and op.body is None and op.view is not None:
+            pattern = _pattern(op.rule)
+            if pattern is not None:
+                found.append((pattern.fullmatch, op))
     return found
 
 
@@ -78,19 +80,21 @@ class HotPath:
 
     def answer(self, op: Operation, params: dict, environ: dict,
                start_response: Callable) -> Iterable[bytes]:
+        # Ids in lower case, as `web.endpoint.UUIDText` hands them to Flask's view.
+        path = {name: value.lower() for name, value in params.items()}
         try:
-            answer = serve(op, self.services, environ,
-                           {name: value.lower() for name, value in params.items()})
-            if answer.status == 200:
-                start_response("200 OK", [("Content-Type", answer.mimetype),
-                                          ("Content-Length", str(len(answer.body))),
-                                          *answer.headers, *self.finished])
-                return [answer.body]
-            response = answer.response()
+            answer = serve(op, self.services, environ, path)
         except DomainError as exc:
             response = errors.domain_error(exc)
         except HTTPException as exc:
             response = errors.http_error(exc)
         except Exception as exc:  # the 500 Flask's handler would give, logged the same way
             response = errors.unexpected_error(exc)
+        else:
+            if answer.status == 200:
+                start_response("200 OK", [("Content-Type", answer.mimetype),
+                                          ("Content-Length", str(len(answer.body))),
+                                          *answer.headers, *self.finished])
+                return [answer.body]
+            response = answer.response()
         return self.finish(response)(environ, start_response)
