@@ -123,6 +123,15 @@ def ratios(r: dict) -> dict:
                                                        _get(c, name, "p50_ms"))
         out[f"{prefix}_cached_vs_uncached_p99"] = _div(_get(u, name, "p99_ms"),
                                                        _get(c, name, "p99_ms"))
+    # The hot path against Flask's dispatch, the same request on two stacks measured in turns.
+    dispatch = r.get("dispatch", {})
+    for name in ("health", "task"):
+        out[f"hot_path_{name}_vs_flask_rps"] = _div(_get(dispatch, "hot", name, "rps"),
+                                                    _get(dispatch, "flask", name, "rps"))
+        out[f"hot_path_{name}_vs_flask_cpu"] = _div(_get(dispatch, "flask", name, "web_cpu_us"),
+                                                    _get(dispatch, "hot", name, "web_cpu_us"))
+    out["hot_path_task_vs_flask_health_rps"] = _div(_get(dispatch, "hot", "task", "rps"),
+                                                    _get(dispatch, "flask", "health", "rps"))
     t = r.get("topology", {})
     out["topology_stats_vs_health_rps"] = _div(_get(t, "cluster", "stats_small", "rps"),
                                                _get(t, "cluster", "health", "rps"))
@@ -196,6 +205,29 @@ def _cpu_rows(mx: dict) -> list[str]:
         rows.append(f"| CPU of {label}, all processes, by role in us ({parts}) vs a `/health` "
                     f"request's | {roles['total']:,.0f} us | {health:,.0f} us | "
                     f"{_x(roles['total'] / health, 1)} | |")
+    return rows
+
+
+def _dispatch_rows(r: dict) -> list[str]:
+    """The hot path (web/hot.py) against Flask's dispatch (WEB_HOT_PATH=0)."""
+    dispatch, q = r.get("dispatch") or {}, r["ratios"]
+    if not dispatch:
+        return []
+    rows = []
+    for name, label in (("task", "warm task GET"), ("health", "`/health`")):
+        hot, flask = _get(dispatch, "hot", name) or {}, _get(dispatch, "flask", name) or {}
+        rows += [
+            f"| Hot path (`web/hot.py`): {label} vs the same through Flask's dispatch "
+            f"(`WEB_HOT_PATH=0`), two stacks in turns: throughput | {_rps(hot.get('rps'))} | "
+            f"{_rps(flask.get('rps'))} | {_x(q.get(f'hot_path_{name}_vs_flask_rps'))} | |",
+            f"| Hot path: {label}, the API processes' CPU per request | "
+            f"{hot.get('web_cpu_us', 0):,.0f} us | {flask.get('web_cpu_us', 0):,.0f} us | "
+            f"{_x(q.get(f'hot_path_{name}_vs_flask_cpu'))} less | |",
+        ]
+    rows.append(f"| Hot path: warm task GET vs `/health` through Flask's dispatch (the floor "
+                f"before the hot path): throughput | {_rps(_get(dispatch, 'hot', 'task', 'rps'))} "
+                f"| {_rps(_get(dispatch, 'flask', 'health', 'rps'))} | "
+                f"{_x(q.get('hot_path_task_vs_flask_health_rps'))} | |")
     return rows
 
 
@@ -374,6 +406,7 @@ def markdown(r: dict) -> str:
         f"{_x(q.get('mixed_reads_only_vs_health_rps'))} | |",
         _write_cost_row(mx, health),
         *_cpu_rows(mx),
+        *_dispatch_rows(r),
         *_naive_rows(r),
         f"| Mixed: p50 / p99 (p99 vs `/health`) | {_ms(load.get('p50_ms'))} / "
         f"{_ms(load.get('p99_ms'))} | {_ms(health.get('p50_ms'))} / "

@@ -521,6 +521,45 @@ class Bench:
             stack.stop()
         return out
 
+    def dispatch_phase(self) -> dict:
+        """What the hot path (web/hot.py) buys: `/health` and the warm task GET on two cached
+        stacks without workers, one with WEB_HOT_PATH=0 (Flask's dispatch for every request),
+        measured in turns (the order reversed halfway) so that a drift of the machine moves both
+        alike. The web CPU per request counts both stacks' API processes: the idle one's
+        heartbeats are in both sides."""
+        stacks: dict[str, Stack] = {}
+        runs: dict[tuple[str, str], list[tuple[Result, float]]] = {}
+        try:
+            for name, hot in (("hot", "1"), ("flask", "0")):
+                env = {**self.env(True, f"dispatch-{name}"), "WEB_HOT_PATH": hot}
+                stacks[name] = self.stack = Stack(f"dispatch-{name}", env, with_workers=False,
+                                                  log_path=LOG_DIR / f"dispatch-{name}.log")
+                stacks[name].start()
+                self.warm(self.paths(self.data.small)["task"], self.token0)
+            log("the hot path against Flask's dispatch (WEB_HOT_PATH=0), in turns")
+            paths = (("health", "/health", ""), ("task", self.paths(self.data.small)["task"],
+                                                  self.token0))
+            half = max(1.0, math.ceil(self.load.seconds / 2))
+            for order in (("hot", "flask"), ("flask", "hot")):
+                for name in order:
+                    for label, path, token in paths:
+                        with cpu.Window({self.redis_server.port: "redis"}) as spent:
+                            result = wrk(self.load, stacks[name].base + path, "auth.lua", token,
+                                         seconds=half)
+                        runs.setdefault((name, label), []).append(
+                            (result, spent.spent.get("web", 0.0)))
+        finally:
+            for stack in stacks.values():
+                stack.stop()
+        out: dict = {}
+        for (name, label), measured in runs.items():
+            result = Result.combined([run for run, _ in measured])
+            web_us = sum(web for _, web in measured) * 1e6 / max(result.requests, 1)
+            out.setdefault(name, {})[label] = {**result.as_dict(), "web_cpu_us": round(web_us, 1)}
+            log(f"  {name:<5} {label:<6} {result.rps:9.1f} req/s  p99 {result.p99_ms:8.2f} ms  "
+                f"web CPU {web_us:6.0f} us per request")
+        return out
+
     def naive_phase(self) -> dict:
         """The floors: the simplest app doing each kind of request (bench/naive.py) on the same
         gunicorn settings, database and Redis. A read or a write there is what this machine
@@ -616,6 +655,7 @@ class Bench:
             if not self.args.topology_only:
                 self.results["cached"] = self.cached_phase()
                 self.results["uncached"] = self.uncached_phase()
+                self.results["dispatch"] = self.dispatch_phase()
                 self.results["naive"] = self.naive_phase()
             if not self.args.no_topology:
                 self.results["topology"] = self.topology_phase()
