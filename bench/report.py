@@ -128,8 +128,8 @@ def ratios(r: dict) -> dict:
     for name in ("health", "task"):
         out[f"hot_path_{name}_vs_flask_rps"] = _div(_get(dispatch, "hot", name, "rps"),
                                                     _get(dispatch, "flask", name, "rps"))
-        out[f"hot_path_{name}_vs_flask_cpu"] = _div(_get(dispatch, "flask", name, "web_cpu_us"),
-                                                    _get(dispatch, "hot", name, "web_cpu_us"))
+        out[f"hot_path_{name}_cpu_vs_flask"] = _div(_get(dispatch, "hot", name, "web_cpu_us"),
+                                                    _get(dispatch, "flask", name, "web_cpu_us"))
     out["hot_path_task_vs_flask_health_rps"] = _div(_get(dispatch, "hot", "task", "rps"),
                                                     _get(dispatch, "flask", "health", "rps"))
     t = r.get("topology", {})
@@ -222,7 +222,7 @@ def _dispatch_rows(r: dict) -> list[str]:
             f"{_rps(flask.get('rps'))} | {_x(q.get(f'hot_path_{name}_vs_flask_rps'))} | |",
             f"| Hot path: {label}, the API processes' CPU per request | "
             f"{hot.get('web_cpu_us', 0):,.0f} us | {flask.get('web_cpu_us', 0):,.0f} us | "
-            f"{_x(q.get(f'hot_path_{name}_vs_flask_cpu'))} less | |",
+            f"{_x(q.get(f'hot_path_{name}_cpu_vs_flask'))} | |",
         ]
     rows.append(f"| Hot path: warm task GET vs `/health` through Flask's dispatch (the floor "
                 f"before the hot path): throughput | {_rps(_get(dispatch, 'hot', 'task', 'rps'))} "
