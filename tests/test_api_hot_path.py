@@ -7,6 +7,8 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 from api_support import PASSWORD, bearer, new_email
@@ -110,6 +112,38 @@ def test_a_revalidation_is_the_304_flask_gives(app, site):
     hot, flask = answers(app, path, {**headers, "If-None-Match": etag})
     assert hot[0] == "304 NOT MODIFIED"
     assert hot == flask
+
+
+# Whatever a client sends to a declared GET's path, both paths answer it alike.
+_SEGMENTS = st.one_of(st.sampled_from(["real", "REAL", "unknown"]),
+                      st.text(st.characters(min_codepoint=33, max_codepoint=0x2FF,
+                                            exclude_characters="/?#"), max_size=40))
+_QUERIES = st.sampled_from(["", "?limit=0", "?limit=5", "?limit=x", "?limit=2&limit=3",
+                            "?status=TODO", "?status=done", "?cursor=abc", "?unread=true",
+                            "?%ff=1", "?limit=%00"])
+_TOKENS = st.sampled_from(["admin", None, "Bearer", "Bearer  ", "Basic x", "bearer admin"])
+
+
+@settings(max_examples=150, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rule=st.sampled_from(GETS), segment=_SEGMENTS, query=_QUERIES, token=_TOKENS,
+       if_none_match=st.sampled_from([None, "*", '"x"', "W/\"x\""]))
+def test_any_request_to_a_declared_get_is_answered_as_flask_answers_it(
+        app, site, rule, segment, query, token, if_none_match):
+    headers, ids = site
+    value = {"real": None, "REAL": None, "unknown": str(uuid.uuid4())}.get(segment, segment)
+    path = url(rule, {name: (real.upper() if segment == "REAL" else real) if value is None
+                      else value for name, real in ids.items()}) + query
+    sent = {}
+    if token is not None:
+        sent["Authorization"] = headers["Authorization"] if token == "admin" else (
+            token.replace("admin", headers["Authorization"].split()[1]))
+    if if_none_match is not None:
+        sent["If-None-Match"] = if_none_match
+    for _ in range(2):  # what both answers read is cached and copied into the process first
+        answers(app, path, sent)
+    hot, flask = answers(app, path, sent)
+    assert hot == flask, path
 
 
 def test_declared_gets_never_reach_flask(app, site, flask_calls):
