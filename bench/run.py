@@ -178,12 +178,17 @@ class Bench:
             self.results["notes"].append(f"{self.stack.name} {label}: {result.errors} errors")
         return result.as_dict()
 
+    @property
+    def half_seconds(self) -> float:
+        """Half a measurement, for runs taken in turns (wrk takes whole seconds only)."""
+        return max(1.0, math.ceil(self.load.seconds / 2))
+
     def measure_against_health(self, label: str, path: str, token: str | None = None) -> dict:
         """The endpoint with /health around it, in halves: /health, the endpoint, the endpoint,
         /health. This machine's speed drifts during a run (/health itself has halved from one
         end of a run to the other); taken in this order, a drift moves both sides alike and their
         ratio holds. The endpoint's result, with the paired /health under `paired_health`."""
-        half = max(1.0, math.ceil(self.load.seconds / 2))
+        half = self.half_seconds
         health = self.stack.base + "/health"
         runs = [wrk(self.load, health, "auth.lua", "", seconds=half)]
         runs += [wrk(self.load, self.stack.base + path, "auth.lua", token or "", seconds=half)
@@ -529,23 +534,22 @@ class Bench:
         heartbeats are in both sides."""
         stacks: dict[str, Stack] = {}
         runs: dict[tuple[str, str], list[tuple[Result, float]]] = {}
+        task = self.paths(self.data.small)["task"]
+        paths = (("health", "/health", ""), ("task", task, self.token0))
         try:
             for name, hot in (("hot", "1"), ("flask", "0")):
                 env = {**self.env(True, f"dispatch-{name}"), "WEB_HOT_PATH": hot}
                 stacks[name] = self.stack = Stack(f"dispatch-{name}", env, with_workers=False,
                                                   log_path=LOG_DIR / f"dispatch-{name}.log")
                 stacks[name].start()
-                self.warm(self.paths(self.data.small)["task"], self.token0)
+                self.warm(task, self.token0)
             log("the hot path against Flask's dispatch (WEB_HOT_PATH=0), in turns")
-            paths = (("health", "/health", ""), ("task", self.paths(self.data.small)["task"],
-                                                  self.token0))
-            half = max(1.0, math.ceil(self.load.seconds / 2))
             for order in (("hot", "flask"), ("flask", "hot")):
                 for name in order:
                     for label, path, token in paths:
                         with cpu.Window({self.redis_server.port: "redis"}) as spent:
                             result = wrk(self.load, stacks[name].base + path, "auth.lua", token,
-                                         seconds=half)
+                                         seconds=self.half_seconds)
                         runs.setdefault((name, label), []).append(
                             (result, spent.spent.get("web", 0.0)))
         finally:
