@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import redis
 from sqlalchemy import case, func, select
@@ -272,7 +272,7 @@ class Snapshot:
 
 @dataclass
 class StatsRead:
-    """A statistics read that can ride on another lookup's round trip (a SideRead)."""
+    """A statistics read that can ride on another lookup's round trip (a SideCommand)."""
 
     store: "AggregateStore"
     agg: Aggregate
@@ -416,16 +416,29 @@ class AggregateStore:
                         layer=layer)
 
     def apply(self, delta: Delta, source: str) -> str:
-        agg = AGGREGATES[delta.kind]
-        keys, args = self._args(agg, delta.org_id, delta.owner_id)
-        pairs = [x for f, v in sorted(delta.changes.items()) if v for x in (f, v)]
-        if not pairs:
-            pairs = ["seq", 0]  # a numbered change that moves no count still advances seq
-        outcome = self.cache.call("delta", lambda: self._apply(
-            keys=keys, args=[*args, delta.seq, AGGREGATE_TTL, MAX_BUFFERED, *pairs]))
-        outcome = outcome.decode() if isinstance(outcome, bytes) else outcome
-        metrics.aggregate_deltas.labels(delta.kind, outcome, source).inc()
-        return outcome
+        """Fold one delta in, in a round trip of its own (see `DeltaWrite` for one that rides
+        on another's)."""
+        write = self.delta_write(delta, source)
+
+        def run() -> Any:
+            for attempt in (1, 2):
+                pipe = self.cache.client.pipeline(transaction=False)
+                write.queue(pipe)
+                try:
+                    return pipe.execute()[0]
+                except redis.exceptions.NoScriptError:
+                    if attempt == 2:
+                        raise
+                    write.load_scripts(self.cache.client)
+
+        try:
+            write.reply = self.cache.call("delta", run)
+        except Unavailable:
+            pass
+        return write.outcome()
+
+    def delta_write(self, delta: Delta, source: str) -> "DeltaWrite":
+        return DeltaWrite(self, delta, source)
 
     def reserve(self, agg: Aggregate, org_id: str, owner_id: str) -> None:
         """Before a recount reads the database: deltas committed meanwhile wait in the hash."""
@@ -466,11 +479,34 @@ class AggregateStore:
         return agg.present(owner_id, counts)
 
 
-def apply_deltas(store: AggregateStore, deltas: Sequence[Delta], source: str) -> list[str]:
-    outcomes = []
-    for delta in deltas:
-        try:
-            outcomes.append(store.apply(delta, source))
-        except Unavailable:
-            outcomes.append("unavailable")
-    return outcomes
+@dataclass
+class DeltaWrite:
+    """A delta folded into its aggregate by a command that can ride on another call's round
+    trip (a SideCommand: an event's deltas go with its bumps, cache.store.invalidate)."""
+
+    store: AggregateStore
+    delta: Delta
+    source: str
+    reply: Any = MISSING
+
+    def queue(self, pipe: redis.client.Pipeline) -> int:
+        delta = self.delta
+        keys, args = self.store._args(AGGREGATES[delta.kind], delta.org_id, delta.owner_id)
+        pairs = [x for f, v in sorted(delta.changes.items()) if v for x in (f, v)]
+        if not pairs:
+            pairs = ["seq", 0]  # a numbered change that moves no count still advances seq
+        queue_evalsha(pipe, self.store._apply.sha, keys,
+                      [*args, delta.seq, AGGREGATE_TTL, MAX_BUFFERED, *pairs])
+        return 1
+
+    def load_scripts(self, client: redis.Redis) -> None:
+        client.script_load(_APPLY)
+
+    def outcome(self) -> str:
+        """"applied", "duplicate", "buffered", "overflow", "missing", or "unavailable" when the
+        round trip failed; counted once it is known."""
+        if self.reply is MISSING:
+            return "unavailable"
+        outcome = self.reply.decode() if isinstance(self.reply, bytes) else self.reply
+        metrics.aggregate_deltas.labels(self.delta.kind, outcome, self.source).inc()
+        return outcome

@@ -228,17 +228,18 @@ def event_marker(tag: str, event_id: str) -> str:
     return f"applied:{tag}:{event_id}"
 
 
-class SideRead(Protocol):
-    """A read of another shape than a Key's (e.g. a statistics hash) that can share a lookup's
-    round trip. `reply` stays MISSING unless the round trip succeeded."""
+class SideCommand(Protocol):
+    """A command of another shape than a Key's that rides on another call's round trip: a
+    statistics read on a lookup's, an event's deltas on its bumps'. `reply` stays MISSING unless
+    the round trip succeeded."""
 
     reply: Any
 
     def queue(self, pipe: redis.client.Pipeline) -> int:
-        """Queue the read (its reply first) and return how many commands were queued."""
+        """Queue the command (its reply first) and return how many commands were queued."""
 
     def load_scripts(self, client: redis.Redis) -> None:
-        """Load the scripts the read runs (after a Redis restart lost them)."""
+        """Load the scripts the command runs (after a Redis restart lost them)."""
 
 
 class Unavailable(Exception):
@@ -454,7 +455,7 @@ class RedisCache:
     def lookup(self, key: Key) -> Lookup:
         return self.lookup_many([key])[0]
 
-    def lookup_many(self, keys: Sequence[Key], side: Sequence["SideRead"] = (),
+    def lookup_many(self, keys: Sequence[Key], side: Sequence["SideCommand"] = (),
                     counted: bool = True) -> list[Lookup]:
         """Look up several keys in one round trip (e.g. the session and the entity of a request),
         with `side` reads of other shapes (a statistics hash) in the same round trip. What this
@@ -497,7 +498,7 @@ class RedisCache:
                 else Lookup(kept.key, kept.tokens, kept.value, "l1", expires=kept.expires)
                 for kept in self.near.get_each([key.name for key in keys], ticket)]
 
-    def _lookup_redis(self, keys: Sequence[Key], side: Sequence["SideRead"],
+    def _lookup_redis(self, keys: Sequence[Key], side: Sequence["SideCommand"],
                       ticket: int | None) -> list[Lookup]:
         """`keys` and `side` reads from Redis in one round trip; what it finds is kept near."""
         def run() -> list:
@@ -694,29 +695,33 @@ class RedisCache:
     # -- invalidation -------------------------------------------------------------------------
     def invalidate(self, versions: Iterable[str], *, org_ids: Iterable[str], family: str,
                    source: str = "web", event_id: str | None = None,
-                   bumped: Bumped | None = None) -> bool:
+                   bumped: Bumped | None = None, side: Sequence[SideCommand] = ()) -> bool:
         """Retire every value stored under these versions. Returns False when Redis could not
         be reached; the organizations are then purged as soon as it answers again. `bumped`
-        collects each version's token before and after (see `Bumped`)."""
+        collects each version's token before and after (see `Bumped`). `side`: commands sent
+        after the bumps in the same round trip (an event's deltas), each with its own reply:
+        one that fails leaves its reply MISSING and fails nothing else."""
         versions = sorted(set(versions))
-        if not versions:
+        if not versions and not side:
             return True
         try:
             applied = self.call("invalidate",
-                                lambda: self._bump_per_slot(versions, event_id, bumped))
+                                lambda: self._bump_per_slot(versions, event_id, bumped, side))
         except Unavailable:
-            with self._owed_lock:
-                self._owed_purges.update(org_ids)
-            return False
+            if versions:
+                with self._owed_lock:
+                    self._owed_purges.update(org_ids)
+            return not versions
         if applied:
             metrics.invalidations.labels(family, source).inc(len(versions))
         return True
 
     def _bump_per_slot(self, versions: Sequence[str], event_id: str | None = None,
-                       bumped: Bumped | None = None) -> bool:
+                       bumped: Bumped | None = None, side: Sequence[SideCommand] = ()) -> bool:
         """Replace the tokens of `versions`: one script per hash slot (an event's versions span
         the slices of its entities; a purge, every slice), each with that slot's applied-once
-        marker of the event, all in one pipeline. True if any slot applied it."""
+        marker of the event, all in one pipeline, with `side` after them. True if any slot
+        applied it."""
         by_slot: dict[str, list[str]] = {}
         for version in versions:
             by_slot.setdefault(hash_tag(version), []).append(version)
@@ -738,14 +743,27 @@ class RedisCache:
                     [token, VERSION_TTL, "1" if event_id else "0", EVENT_MARKER_TTL, len(names),
                      *(a for v in stores for a in (len(v.key.versions), v.tokens, v.blob,
                                                    v.key.ttl))])
-            try:
-                replies = pipe.execute()
-            except redis.exceptions.NoScriptError:
+            counts = [command.queue(pipe) for command in side]
+            replies = pipe.execute(raise_on_error=False)
+            if any(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies):
                 if attempt == 2:
-                    raise
+                    raise next(r for r in replies if isinstance(r, redis.exceptions.NoScriptError))
                 self.client.script_load(_BUMP)
+                for command in side:
+                    command.load_scripts(self.client)
                 continue
-            for (tag, names), reply in zip(by_slot.items(), replies):
+            bumps, at = replies[:len(by_slot)], len(by_slot)
+            for command, count in zip(side, counts):
+                if isinstance(replies[at], Exception):
+                    metrics.errors.labels("side").inc()
+                    log.warning("redis %s failed: %s", type(command).__name__, replies[at])
+                else:
+                    command.reply = replies[at]
+                at += count
+            error = next((reply for reply in bumps if isinstance(reply, Exception)), None)
+            if error is not None:
+                raise error
+            for (tag, names), reply in zip(by_slot.items(), bumps):
                 if bumped is not None and int(reply[0]):
                     for i, (name, old) in enumerate(zip(names, reply[1:]), start=1):
                         bumped.record(name, old.decode() if isinstance(old, bytes) else old,
@@ -753,7 +771,7 @@ class RedisCache:
                     for value, done in zip(values.get(tag, ()), reply[1 + len(names):]):
                         if int(done):
                             bumped.stored.add(value.key.name)
-            return any(int(reply[0]) for names, reply in zip(by_slot.values(), replies) if names)
+            return any(int(reply[0]) for names, reply in zip(by_slot.values(), bumps) if names)
         raise AssertionError("unreachable")
 
     def mark_applied(self, versions: Iterable[str], event_id: str) -> None:
@@ -792,10 +810,10 @@ class DisabledCache(RedisCache):
     def __init__(self, client: redis.Redis, breaker: CircuitBreaker, **options) -> None:
         super().__init__(client, breaker, **options)
 
-    def lookup_many(self, keys: Sequence[Key], side: Sequence[SideRead] = (),
+    def lookup_many(self, keys: Sequence[Key], side: Sequence[SideCommand] = (),
                     counted: bool = True) -> list[Lookup]:
         return [Lookup(key, None) for key in keys]
 
     def invalidate(self, versions, *, org_ids, family, source="web", event_id=None,
-                   bumped=None) -> bool:
+                   bumped=None, side=()) -> bool:
         return True

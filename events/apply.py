@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 
-from aggregates import Delta, apply_deltas
+from aggregates import Delta
 from cache import l1, metrics
 from events import CONFIG_CHANGED, versions_for
 from models import utcnow
@@ -22,12 +22,16 @@ def apply_event(services, *, kind: str, org_id: str, payload: dict, event_id: st
     `bumped` (cache.store.Bumped) collects the tokens the bumps replaced.
     Returns what happened, for logs and tests: {"invalidated": bool, "deltas": [outcomes]}."""
     versions = versions_for(kind, org_id, payload)
+    # The deltas ride on the bumps' round trip, after them: each was a round trip of its own, a
+    # wait for a core on a busy machine between the write's commit and its answer.
+    writes = [services.aggregates.delta_write(Delta.from_dict(d), source)
+              for d in payload.get("deltas", [])] if services.cache.enabled else []
     invalidated = services.cache.invalidate(versions, org_ids=[org_id], family=kind.split(".")[0],
-                                            source=source, event_id=event_id, bumped=bumped)
+                                            source=source, event_id=event_id, bumped=bumped,
+                                            side=writes)
     if kind == CONFIG_CHANGED:
         _announce_l1(services, payload["name"], invalidated)
-    deltas = [Delta.from_dict(d) for d in payload.get("deltas", [])]
-    outcomes = apply_deltas(services.aggregates, deltas, source) if services.cache.enabled else []
+    outcomes = [write.outcome() for write in writes]
     if written_at is not None and "applied" in outcomes:
         # Freshness: from the change's write (its outbox row) to the change visible in the stats.
         lag = (utcnow() - written_at).total_seconds()

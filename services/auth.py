@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from cache import keys
-from cache.store import Lookup, SideRead
+from cache.store import Lookup, SideCommand
 from events import ORGANIZATION_CREATED, SESSION_ENDED, USER_CREATED
 from models import AuthSession, Organization, User, new_id, utcnow
 from services import login_limit, present
@@ -201,15 +201,15 @@ def load_session(session_id: str, user_id: str):
 
 
 def authenticate(services: Services, token: str, *also: keys.Key,
-                 prefetch: Callable[[str], Sequence[keys.Key | SideRead]] | None = None,
-                 ) -> tuple[Actor, list[Lookup | SideRead]]:
+                 prefetch: Callable[[str], Sequence[keys.Key | SideCommand]] | None = None,
+                 ) -> tuple[Actor, list[Lookup | SideCommand]]:
     """The actor of a bearer token, with the lookups of `also` (and of `prefetch(org_id)`: keys
     or side reads that need the token's organization) made in the same round trip, returned in
     their order. Their values are only for the caller to use once this returned, i.e. once the
     session is known valid."""
     claims = _decode(services, token)
     org_id, user_id, session_id = claims["org"], claims["sub"], claims["sid"]
-    wanted: Sequence[keys.Key | SideRead] = (*also, *(prefetch(org_id) if prefetch else ()))
+    wanted: Sequence[keys.Key | SideCommand] = (*also, *(prefetch(org_id) if prefetch else ()))
     session_key = keys.session(org_id, user_id, session_id)
     plain = [k for k in wanted if isinstance(k, keys.Key)]
     side = [k for k in wanted if not isinstance(k, keys.Key)]

@@ -63,6 +63,30 @@ def test_a_hot_request_read_twice_costs_no_round_trip(client, admin, project, se
     assert (sql, trips, source) == (0, 0, "HIT-L1")
 
 
+def test_a_status_change_after_its_commit_costs_one_round_trip(client, admin, project,
+                                                                services):
+    """After the commit, the write's bumps and its deltas to the project's and the assignee's
+    cached statistics go to Redis together: on a busy machine each round trip is a wait for a
+    core between the commit and the answer (freshness)."""
+    me = admin.user["id"]
+    task = client.post(f"/api/projects/{project['id']}/tasks", headers=admin.headers,
+                       json={"title": "Counted", "assignee_id": me}).json
+    for url in (f"/api/projects/{project['id']}/stats", f"/api/users/{me}/stats"):
+        assert client.get(url, headers=admin.headers).status_code == 200  # both cached
+    services.cache.counters.interval = 3600  # not this write's cost (see above)
+    with count_round_trips(services) as trips:
+        changed = client.patch(f"/api/tasks/{task['id']}", json={"status": "COMPLETED"},
+                               headers=admin.headers)
+    assert changed.status_code == 200
+    # The warm-up's lookup under the locks, then the bumps with both deltas.
+    assert trips.count <= 2 * (3 if redis_mode() == "cluster" else 1), trips.commands
+    for url, field in ((f"/api/projects/{project['id']}/stats", "completed_tasks"),
+                       (f"/api/users/{me}/stats", "completed_tasks")):
+        stats = client.get(url, headers=admin.headers)
+        assert stats.headers["X-Cache"].startswith("HIT"), url
+        assert stats.json[field] == 1, (url, stats.json)
+
+
 def test_a_warm_list_page_is_encoded_once_per_cached_copy(client, admin, project, services,
                                                            monkeypatch):
     """A large page served from the near cache is the same object each time: its JSON and ETag

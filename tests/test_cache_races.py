@@ -15,6 +15,7 @@ from cache_helpers import CACHED
 from aggregates import PROJECT_STATS, Delta
 from cache import keys
 from cache.l1 import L1Cache, read_through_l1
+from cache.near import MISSING
 from services.projects import load_project
 from services.settings_store import DEFAULTS, get_config, set_config
 from tests.cache_helpers import count_sql
@@ -173,6 +174,53 @@ def test_deltas_applied_out_of_order_end_exact(client, admin, project, services)
     assert final.stats["tasks_by_status"] == {"TODO": 0, "IN_PROGRESS": 0, "BLOCKED": 0,
                                               "COMPLETED": 1}
     assert final.stats["total_comments"] == 1
+
+
+def test_deltas_ride_on_the_bumps_and_survive_a_redis_that_lost_its_scripts(client, admin,
+                                                                             project, services):
+    """An event's deltas go to Redis with its bumps. A Redis restarted (or a replica promoted)
+    has none of the scripts: both are loaded again and the round trip retried, and each delta
+    still counts once."""
+    org, pid = admin.organization["id"], project["id"]
+    store = services.aggregates
+    with services.db.session() as db:
+        store.recount(db, PROJECT_STATS, org, pid, reason="test")
+    seq = store.read(PROJECT_STATS, org, pid).seq
+    version = keys.project_version(org, pid)
+    before = services.redis.get(version)
+    services.cache.client.script_flush()
+    writes = [store.delta_write(Delta("project", org, pid, seq + n, {"TODO": 1}), "test")
+              for n in (1, 2)]
+    assert services.cache.invalidate([version], org_ids=[org], family="project", side=writes)
+    assert [w.outcome() for w in writes] == ["applied", "applied"]
+    assert services.redis.get(version) != before
+    after = store.read(PROJECT_STATS, org, pid)
+    assert after.seq == seq + 2 and after.stats["tasks_by_status"]["TODO"] == 2
+
+
+def test_a_delta_that_fails_leaves_its_reply_missing_and_fails_no_bump(admin, project, services):
+    """A command riding on the bumps' round trip that Redis refuses (here a wrong type) is
+    that command's failure only: the versions are bumped, nothing is owed."""
+    org, pid = admin.organization["id"], project["id"]
+    version = keys.project_version(org, pid)
+    before = services.redis.get(version)
+    services.redis.hset(f"wrong-type:{{{org}}}", "f", "v")
+
+    class Refused:
+        reply = MISSING
+
+        def queue(self, pipe):
+            pipe.execute_command("INCR", f"wrong-type:{{{org}}}")
+            return 1
+
+        def load_scripts(self, client):
+            raise AssertionError("no script to load")
+
+    refused = Refused()
+    assert services.cache.invalidate([version], org_ids=[org], family="project", side=[refused])
+    assert refused.reply is MISSING
+    assert services.redis.get(version) != before
+    assert not services.cache._owed_purges
 
 
 def test_concurrent_comments_edits_and_deletes_on_one_project_leave_no_gap(
