@@ -303,8 +303,9 @@ def test_cache_health_is_degraded_with_a_reason_when_the_cache_cannot_evict(sett
         from services.context import build_services
         from web import create_app
 
-        # A plain Redis shared by cache and broker, as the old default configuration was.
-        shared = settings.with_overrides(redis_url=plain.url_for(0),
+        # A plain Redis shared by cache and broker, as the old default configuration was (and
+        # no cluster, which would be the cache instead: TEST_REDIS=cluster).
+        shared = settings.with_overrides(redis_url=plain.url_for(0), redis_cluster_url=None,
                                          celery_broker_url=f"redis://localhost:{plain.port}/1")
         built = build_services(shared, subscribe_l1=False)
         try:
