@@ -371,18 +371,9 @@ class AggregateStore:
                 self.cache.flush_counters()
             return read.snapshot()
 
-        def run() -> Any:
-            for attempt in (1, 2):
-                pipe = self.cache.client.pipeline(transaction=False)
-                read.queue(pipe)
-                try:
-                    return pipe.execute()[0]
-                except redis.exceptions.NoScriptError:
-                    if attempt == 2:
-                        raise
-                    read.load_scripts(self.cache.client)
-
-        read.reply = self.cache.call("get", run)
+        self.cache.send("get", [read])
+        if read.reply is MISSING:
+            raise Unavailable("the statistics read failed")
         if ticket is not None:
             read.keep_near(near, ticket)
         return self.parse(agg, owner_id, read.reply, org_id=org_id, counted=counted)
@@ -419,20 +410,8 @@ class AggregateStore:
         """Fold one delta in, in a round trip of its own (see `DeltaWrite` for one that rides
         on another's)."""
         write = self.delta_write(delta, source)
-
-        def run() -> Any:
-            for attempt in (1, 2):
-                pipe = self.cache.client.pipeline(transaction=False)
-                write.queue(pipe)
-                try:
-                    return pipe.execute()[0]
-                except redis.exceptions.NoScriptError:
-                    if attempt == 2:
-                        raise
-                    write.load_scripts(self.cache.client)
-
         try:
-            write.reply = self.cache.call("delta", run)
+            self.cache.send("delta", [write])
         except Unavailable:
             pass
         return write.outcome()

@@ -716,12 +716,17 @@ class RedisCache:
             metrics.invalidations.labels(family, source).inc(len(versions))
         return True
 
+    def send(self, operation: str, commands: Sequence[SideCommand]) -> None:
+        """`commands` in a round trip of their own, each given its reply (see `invalidate`'s
+        `side`). Raises Unavailable when Redis is."""
+        self.call(operation, lambda: self._bump_per_slot((), side=commands))
+
     def _bump_per_slot(self, versions: Sequence[str], event_id: str | None = None,
                        bumped: Bumped | None = None, side: Sequence[SideCommand] = ()) -> bool:
         """Replace the tokens of `versions`: one script per hash slot (an event's versions span
         the slices of its entities; a purge, every slice), each with that slot's applied-once
-        marker of the event, all in one pipeline, with `side` after them. True if any slot
-        applied it."""
+        marker of the event, all in one pipeline, with `side` after them (or alone: `send`).
+        True if any slot applied it."""
         by_slot: dict[str, list[str]] = {}
         for version in versions:
             by_slot.setdefault(hash_tag(version), []).append(version)
