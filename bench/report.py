@@ -463,8 +463,8 @@ def markdown(r: dict) -> str:
     users = sum((burst.get("worker_user_stats_recomputes") or {}).values())
     lines.append(f"| Full recomputes of the project's stats per 1,000-write burst on it ("
                  f"{burst.get('writes_per_s')} writes/s; stats exact afterwards: "
-                 f"{burst.get('stats_exact_after')}; the assignees' user stats, first filled by "
-                 f"the burst: {users:g} recounts) | {rec_text} | | | |")
+                 f"{burst.get('stats_exact_after')}; recounts of the assignees' user stats "
+                 f"meanwhile: {users:g}) | {rec_text} | | | |")
     for family, mem in (c.get("memory") or {}).items():
         if family.startswith("_"):
             continue

@@ -276,8 +276,9 @@ class UnitOfWork:
 
 
 # Delta outcomes after which the cached aggregate converges without a worker (anything else, a
-# worker looks at again: it schedules a recount where one is needed).
-SETTLED = {"applied", "duplicate", "recount_scheduled"}
+# worker looks at again: it schedules a recount where one is needed). "unread": statistics nobody
+# cached that no change recounts (aggregates.USER_STATS): nothing is stale.
+SETTLED = {"applied", "duplicate", "recount_scheduled", "unread"}
 
 
 def is_finished(result: dict) -> bool:

@@ -117,6 +117,9 @@ def test_a_burst_of_writes_ends_exact_with_a_handful_of_recomputes(admin, client
     project_id = new_project(client, admin, "Busy")
     recomputes = 'stats_recomputes_total{aggregate="project",reason="coalesced"}'
     before = worker.metric(recomputes)
+    # The member's statistics read once: cached, so that the burst's deltas keep them (nobody
+    # recounts a member's statistics nobody cached).
+    assert client.get(f"/api/users/{me}/stats", headers=admin.headers).status_code == 200
     events_before, processed_before = outbox_count(services, org_id), worker.metric(PROCESSED)
     by_web, to_worker = handed("finished_by_web"), handed("sent_to_worker")
     errors: list[BaseException] = []
@@ -351,3 +354,35 @@ def test_a_change_to_statistics_nobody_cached_has_the_web_schedule_their_recount
     assert stats.stats["total_tasks"] == 1
     wait_until(lambda: unprocessed(services, org_id) == 0, 10, what="the stamp")
     assert worker.metric(PROCESSED) == passes  # no worker pass for the event
+
+
+def test_a_members_statistics_nobody_cached_are_left_to_their_first_read(client, admin,
+                                                                          services, worker):
+    """A change to a member's statistics that nobody cached schedules no recount (most are never
+    read): the web finishes the event, the first read counts them, and from then on the change's
+    delta keeps them."""
+    org_id, me = admin.organization["id"], admin.user["id"]
+    project_id = new_project(client, admin)
+    wait_until(lambda: unprocessed(services, org_id) == 0, 10, what="setup events")
+    services.cache.purge_organization(org_id)  # nobody's statistics are cached
+    by_web, to_worker = handed("finished_by_web"), handed("sent_to_worker")
+
+    made = client.post(f"/api/projects/{project_id}/tasks", headers=admin.headers,
+                       json={"title": "mine", "assignee_id": me})
+    assert made.status_code == 201
+    assert (handed("finished_by_web") - by_web, handed("sent_to_worker") - to_worker) == (1, 0)
+    assert not services.redis.exists(f"pending:recount:user:{me}")
+    # The project's recount (scheduled, 0.2 s countdown) runs; none counts the member's.
+    wait_until(lambda: services.aggregates.read(PROJECT_STATS, org_id, project_id), COLD_BOUND,
+               what="the project's recount")
+    time.sleep(0.5)
+    assert services.aggregates.read(USER_STATS, org_id, me) is None
+
+    first = client.get(f"/api/users/{me}/stats", headers=admin.headers)
+    assert first.headers["X-Cache"] not in CACHED and first.json["assigned_tasks"] == 1
+    done = client.patch(f"/api/tasks/{made.json['id']}", json={"status": "COMPLETED"},
+                        headers=admin.headers)
+    assert done.status_code == 200
+    after = client.get(f"/api/users/{me}/stats", headers=admin.headers)
+    assert after.headers["X-Cache"] in CACHED
+    assert (after.json["assigned_tasks"], after.json["completed_tasks"]) == (1, 1)
