@@ -475,6 +475,7 @@ class DeltaWrite:
     delta: Delta
     source: str
     reply: Any = MISSING
+    _outcome: str | None = None
 
     def queue(self, pipe: redis.client.Pipeline) -> int:
         delta = self.delta
@@ -492,11 +493,13 @@ class DeltaWrite:
     def outcome(self) -> str:
         """"applied", "duplicate", "buffered", "overflow", "missing" (uncached: to recount),
         "unread" (uncached, and left so: `Aggregate.recount_when_uncached`), or "unavailable"
-        when the round trip failed; counted once it is known."""
+        when the round trip failed; counted (once) when it is known."""
         if self.reply is MISSING:
             return "unavailable"
-        outcome = self.reply.decode() if isinstance(self.reply, bytes) else self.reply
-        if outcome == "missing" and not AGGREGATES[self.delta.kind].recount_when_uncached:
-            outcome = "unread"
-        metrics.aggregate_deltas.labels(self.delta.kind, outcome, self.source).inc()
-        return outcome
+        if self._outcome is None:
+            outcome = self.reply.decode() if isinstance(self.reply, bytes) else self.reply
+            if outcome == "missing" and not AGGREGATES[self.delta.kind].recount_when_uncached:
+                outcome = "unread"
+            metrics.aggregate_deltas.labels(self.delta.kind, outcome, self.source).inc()
+            self._outcome = outcome
+        return self._outcome
